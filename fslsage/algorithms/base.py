@@ -1,0 +1,275 @@
+"""The roles every algorithm is written against (SPEC §1–§2).
+
+An algorithm is three small pieces of maths:
+  * `train_round(client, batches, server, t)` — what client *i* does in round *t*; it talks to the
+    S-Server only through a `ServerLink` (upload / exchange / aligned_aux), so it never knows
+    whether the server is an object in this process or a Ray actor;
+  * its S-Server class (`Server`) — what the S-Server does with each request;
+  * `aggregate(reports)` — what the F-Server does at round end.
+Transport, byte accounting and scheduling live in `fslsage.transport` and the runtimes.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fslsage.models import communicated_state
+from fslsage.models.base import SplitModel
+
+if TYPE_CHECKING:
+    from fslsage.config import Config
+
+State = dict[str, Tensor]
+Batches = Iterable[tuple[Tensor, Tensor]]
+IGNORE_INDEX = -100
+
+
+# ----------------------------------------------------------------------------- maths shared by all
+def loss_fn(logits: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
+    """NLL of log-softmax (cross-entropy); works for (B, C) and language-model (B, T, V) logits."""
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
+        ignore_index=IGNORE_INDEX, reduction=reduction,
+    )  # fmt: skip
+
+
+def make_optimizer(
+    module: nn.Module, cfg: Config, lr: float | None = None, weight_decay: float | None = None
+) -> torch.optim.Optimizer:
+    params = [p for p in module.parameters() if p.requires_grad]
+    lr = cfg.lr if lr is None else lr
+    wd = cfg.weight_decay if weight_decay is None else weight_decay
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
+    return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), weight_decay=wd)
+
+
+def cut_gradient(
+    head: nn.Module, z: Tensor, y: Tensor, reduction: str = "mean", create_graph: bool = False
+) -> Tensor:
+    """∂ NLL(head(z), y) / ∂z — the true gradient when `head` is the server model, FSL-SAGE's
+    estimate ĝ when it is the auxiliary model."""
+    z = z.detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss_fn(head(z), y, reduction), z, create_graph=create_graph)
+    return grad
+
+
+def server_step(model: nn.Module, opt: torch.optim.Optimizer, z: Tensor, y: Tensor):
+    """One server optimizer step on smashed data; returns (loss, ∂L/∂z)."""
+    z = z.detach().requires_grad_(True)
+    loss = loss_fn(model(z), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss.detach(), z.grad
+
+
+def train_with_server_gradients(client: Client, batches: Batches, server: ServerLink) -> Tensor:
+    """Vanilla split learning on one client (sl, splitfed_v1, splitfed_v2): per batch, z goes up,
+    the server steps and sends ∂L/∂z down, the client back-propagates it and steps."""
+    net, opt = client.parts["client_model"], client.optimizers["client_model"]
+    losses = []
+    for x, y in batches:
+        z = net(x)
+        grad, loss = server.exchange(z.detach(), y)
+        opt.zero_grad(set_to_none=True)
+        z.backward(grad)
+        opt.step()
+        losses.append(loss)
+    return torch.stack(losses).mean()
+
+
+def weighted_average(states: list[Mapping[str, Tensor]], weights: list[float]) -> State:
+    """Average whole state_dicts (BN buffers included) weighted by sample counts; float64
+    accumulation so the result does not depend on the order clients arrive in."""
+    total = float(sum(weights))
+    out: State = {}
+    for key, first in states[0].items():
+        acc = sum(s[key].double() * (w / total) for s, w in zip(states, weights, strict=True))
+        out[key] = acc.to(first.dtype) if first.is_floating_point() else acc.round().to(first.dtype)
+    return out
+
+
+# ----------------------------------------------------------------------------- roles
+class ServerLink(Protocol):
+    """A client's view of the S-Server. Each call is one network exchange (booked in the ledger)."""
+
+    def upload(self, z: Tensor, y: Tensor) -> None:
+        """Smashed data and labels go up; nothing comes back (cse_fsl, fsl_sage)."""
+
+    def exchange(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Smashed data and labels go up; ∂L/∂z (and the scalar loss) come down."""
+
+    def aligned_aux(self) -> State:
+        """The S-Server aligns this client's auxiliary model and sends it down (fsl_sage)."""
+
+
+@dataclass
+class Client:
+    """What client *i* keeps between rounds: its modules, their optimizers and its RNG."""
+
+    cid: int
+    parts: dict[str, nn.Module]
+    optimizers: dict[str, torch.optim.Optimizer]
+    generator: torch.Generator
+    num_samples: int
+
+
+@dataclass
+class ClientReport:
+    """What a client hands the F-Server at round end."""
+
+    cid: int
+    num_samples: int
+    weights: dict[str, State]  # federated parts, communicated tensors only
+    train_loss: float
+    ledger: list = field(default_factory=list)  # Ledger.entries() of this client's round
+
+
+class Server:
+    """S-Server base: one shared server model stepped on every request it learns from."""
+
+    def __init__(self, model: nn.Module, cfg: Config, num_clients: int):
+        self.cfg, self.num_clients = cfg, num_clients
+        self.model = model
+        self.opt = make_optimizer(model, cfg)
+        self.metrics: dict[str, list[float]] = {}
+
+    def on_upload(self, cid: int, z: Tensor, y: Tensor) -> None:
+        raise NotImplementedError(f"{type(self).__name__} takes no uploads")
+
+    def on_exchange(self, cid: int, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} returns no gradients")
+
+    def on_align(self, cid: int) -> State:
+        raise NotImplementedError(f"{type(self).__name__} has no auxiliary models")
+
+    def end_round(self, t: int) -> dict[str, float]:
+        """Round-end work inside the S-Server; returns the round's server metrics (then reset)."""
+        out = {k: float(torch.tensor(v).mean()) for k, v in self.metrics.items() if v}
+        self.metrics = {}
+        return out
+
+    def eval_model(self) -> nn.Module:
+        return self.model
+
+    def log(self, name: str, value: float) -> None:
+        self.metrics.setdefault(name, []).append(float(value))
+
+
+@dataclass(frozen=True)
+class TrafficSizes:
+    """Byte sizes the dry-run ledger is computed from (no data needed)."""
+
+    activation_bytes: int  # one sample of z
+    label_bytes: int  # one sample's labels
+    part_bytes: dict[str, int]  # communicated bytes of each client part (client_model, aux_model)
+
+
+Transfer = tuple[str, str, int]  # (kind, direction, bytes)
+
+
+class Algorithm:
+    """Base class: subclasses set the class attributes and write `train_round`."""
+
+    name: ClassVar[str]
+    federated_parts: ClassVar[tuple[str, ...]] = ("client_model",)  # broadcast, uploaded, averaged
+    sequential: ClassVar[bool] = False  # sl: clients one after another, model passed along
+    server_class: ClassVar[type[Server] | None] = Server
+    uses_aux: ClassVar[bool] = False
+
+    def __init__(self, cfg: Config, split: SplitModel):
+        self.cfg, self.split = cfg, split
+
+    # -- the client's modules ------------------------------------------------------------------
+    def client_modules(self) -> dict[str, nn.Module]:
+        """Fresh copies of the modules a client holds (the global initial weights)."""
+        parts = {"client_model": copy.deepcopy(self.split.client)}
+        if self.uses_aux:
+            parts["aux_model"] = copy.deepcopy(self.split.aux)
+        return parts
+
+    def new_client(self, cid: int, num_samples: int, device: torch.device) -> Client:
+        parts = {k: m.to(device) for k, m in self.client_modules().items()}
+        return Client(
+            cid=cid,
+            parts=parts,
+            optimizers={k: make_optimizer(m, self.cfg) for k, m in parts.items()},
+            generator=client_generator(self.cfg.seed, cid, device),
+            num_samples=num_samples,
+        )
+
+    def new_server(self, device: torch.device) -> Server | None:
+        if self.server_class is None:
+            return None
+        return self.server_class(copy.deepcopy(self.split.server).to(device), self.cfg,
+                                 self.cfg.num_clients)  # fmt: skip
+
+    def initial_global(self) -> dict[str, State]:
+        modules = self.client_modules()
+        return {p: clone_state(communicated_state(modules[p])) for p in self.federated_parts}
+
+    # -- the maths ------------------------------------------------------------------------------
+    def train_round(self, client: Client, batches: Batches, server: ServerLink, t: int) -> Tensor:
+        """Client *i*'s work in round *t*; returns its mean training loss."""
+        raise NotImplementedError
+
+    def aggregate(self, reports: list[ClientReport]) -> dict[str, State]:
+        """F-Server: sample-weighted average of every federated part."""
+        weights = [r.num_samples for r in reports]
+        return {
+            part: weighted_average([r.weights[part] for r in reports], weights)
+            for part in self.federated_parts
+        }
+
+    def eval_module(
+        self, global_weights: dict[str, State], server_model: nn.Module | None, device: torch.device
+    ) -> nn.Module:
+        """The global model the F-Server evaluates: global client model ∘ server model."""
+        client = copy.deepcopy(self.split.client).to(device)
+        client.load_state_dict(global_weights["client_model"], strict=False)
+        return nn.Sequential(client, server_model)
+
+    # -- the paper's communication accounting (dry-run) -----------------------------------------
+    def planned_traffic(self, t: int, batch_sizes: list[int], sizes: TrafficSizes) -> list[Transfer]:
+        """Transfers of one client in round *t*, given its local-iteration batch sizes."""
+        out: list[Transfer] = []
+        for part in self.federated_parts:
+            out += [(part, "down", sizes.part_bytes[part]), (part, "up", sizes.part_bytes[part])]
+        return out + self.planned_batch_traffic(t, batch_sizes, sizes)
+
+    def planned_batch_traffic(
+        self, t: int, batch_sizes: list[int], sizes: TrafficSizes
+    ) -> list[Transfer]:
+        return []
+
+
+def client_generator(seed: int, cid: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """Each client's own RNG (batch order, augmentation): results do not depend on scheduling."""
+    return torch.Generator(device=device).manual_seed(seed * 100_003 + cid + 1)
+
+
+def clone_state(state: Mapping[str, Tensor]) -> State:
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def uploads(batch_sizes: list[int], q: int) -> Iterator[int]:
+    """Batch sizes of the local iterations k with k % q == 0 (when smashed data goes up)."""
+    return (b for k, b in enumerate(batch_sizes) if k % q == 0)
+
+
+def exchange_traffic(batch_sizes: Iterable[int], sizes: TrafficSizes, gradients: bool) -> list[Transfer]:
+    """z and labels up per batch, and ∂L/∂z down when the algorithm returns gradients."""
+    out: list[Transfer] = []
+    for b in batch_sizes:
+        out += [("activations", "up", b * sizes.activation_bytes), ("labels", "up", b * sizes.label_bytes)]
+        if gradients:
+            out.append(("gradients", "down", b * sizes.activation_bytes))
+    return out

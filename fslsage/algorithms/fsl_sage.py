@@ -1,0 +1,155 @@
+"""FSL-SAGE (Nair et al., ICML 2025): Federated Split Learning via Smashed Activation Gradient
+Estimation.
+
+Client i, round t (Algorithm 1):
+    if t % l == 0: receive the aligned auxiliary model x_a,i from the S-Server
+    for each local iteration k:
+        z = x_c,i(x)
+        if k % q == 0: upload (z, y)                         # no answer comes back
+        ĝ = ∂ NLL(x_a,i(z), y) / ∂z                          # estimated cut-layer gradient
+        z.backward(ĝ); step x_c,i                             # the client never uses a local loss
+S-Server (Algorithm 3, lazy):
+    on upload (z, y) from i: one step of x_s on it; append (z, y) to i's FIFO alignment buffer
+    align i: g = ∂ NLL(x_s(z), y) / ∂z on the buffer with the current x_s, then train the S-Server's
+             copy of x_a,i for align_epochs to minimise Σ ‖ĝ − g‖², and send it down
+F-Server (Algorithm 2): average client models. Auxiliary models are per client, never averaged.
+
+Both ĝ and g are per-sample gradients here (sum reduction), so their scale does not depend on
+the batch size; the client's step uses ĝ of the batch-mean loss like every other algorithm.
+Targets are computed with the server in eval mode: a per-sample gradient that does not depend on
+which other samples share the batch, and that leaves the server's BN statistics untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor
+
+from fslsage.algorithms import ALGORITHMS
+from fslsage.algorithms.base import (
+    Algorithm,
+    Batches,
+    Client,
+    ServerLink,
+    TrafficSizes,
+    clone_state,
+    cut_gradient,
+    exchange_traffic,
+    loss_fn,
+    make_optimizer,
+    uploads,
+)
+from fslsage.algorithms.cse_fsl import UploadServer
+from fslsage.models import communicated_state
+
+
+def true_cut_gradient(server_model: torch.nn.Module, z: Tensor, y: Tensor) -> Tensor:
+    """Per-sample ∂ NLL(x_s(z), y) / ∂z with the server in eval mode (no side effects)."""
+    was_training = server_model.training
+    server_model.eval()
+    try:
+        return cut_gradient(server_model, z, y, reduction="sum")
+    finally:
+        server_model.train(was_training)
+
+
+class FifoBuffer:
+    """Keeps the most recent `capacity` samples of aligned tensors (z, y[, g])."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.tensors: tuple[Tensor, ...] = ()
+
+    def append(self, *tensors: Tensor) -> None:
+        if self.tensors:
+            tensors = tuple(torch.cat([old, new]) for old, new in zip(self.tensors, tensors, strict=True))
+        self.tensors = tuple(t[-self.capacity :] for t in tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors[0]) if self.tensors else 0
+
+
+class AligningServer(UploadServer):
+    """The S-Server of FSL-SAGE: steps on uploads, buffers them, aligns auxiliary models."""
+
+    def __init__(self, model, cfg, num_clients, aux_init: torch.nn.Module):
+        super().__init__(model, cfg, num_clients)
+        device = next(model.parameters()).device
+        self.aux = [copy.deepcopy(aux_init).to(device) for _ in range(num_clients)]
+        self.aux_opts = [make_optimizer(a, cfg, lr=cfg.align_lr, weight_decay=0.0) for a in self.aux]
+        self.buffers = [FifoBuffer(cfg.align_buffer_size) for _ in range(num_clients)]
+        self.generator = torch.Generator(device=device).manual_seed(cfg.seed + 7919)
+
+    def on_upload(self, cid, z, y):
+        if self.cfg.align_targets == "eager":  # targets from the server the upload met
+            self.buffers[cid].append(z, y, true_cut_gradient(self.model, z, y))
+        else:
+            self.buffers[cid].append(z, y)
+        super().on_upload(cid, z, y)
+
+    def on_align(self, cid):
+        buffer, aux, opt = self.buffers[cid], self.aux[cid], self.aux_opts[cid]
+        if len(buffer) > 0:
+            z, y, *stored = buffer.tensors
+            g = stored[0] if stored else true_cut_gradient(self.model, z, y)
+            first, last = self.align(aux, opt, z, y, g)
+            self.log("align_loss_before", first)
+            self.log("align_loss", last)
+        return clone_state(communicated_state(aux))
+
+    def align(self, aux, opt, z: Tensor, y: Tensor, g: Tensor) -> tuple[float, float]:
+        """Fit aux so its cut-layer gradient matches the server's: min Σ ‖ĝ − g‖².
+        Returns the mean loss of the first and of the last epoch."""
+        aux.train()
+        epoch_losses = []
+        for _ in range(self.cfg.align_epochs):
+            order = torch.randperm(len(z), generator=self.generator, device=z.device)
+            total = 0.0
+            for idx in order.split(self.cfg.align_batch_size):
+                g_hat = cut_gradient(aux, z[idx], y[idx], reduction="sum", create_graph=True)
+                loss = (g_hat - g[idx]).pow(2).flatten(1).sum(1).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(idx)
+            epoch_losses.append(total / len(z))
+        return epoch_losses[0], epoch_losses[-1]
+
+
+@ALGORITHMS.register("fsl_sage")
+class FSLSAGE(Algorithm):
+    uses_aux = True
+    federated_parts = ("client_model",)  # aux models stay per client
+
+    def new_server(self, device):
+        server = copy.deepcopy(self.split.server).to(device)
+        return AligningServer(server, self.cfg, self.cfg.num_clients, self.split.aux)
+
+    def train_round(self, client: Client, batches: Batches, server: ServerLink, t: int):
+        net, aux = client.parts["client_model"], client.parts["aux_model"]
+        opt = client.optimizers["client_model"]
+        q, l = self.cfg.server_update_interval, self.cfg.align_interval
+        if t % l == 0:
+            aux.load_state_dict(server.aligned_aux(), strict=False)
+        losses = []
+        for k, (x, y) in enumerate(batches):
+            z = net(x)
+            if k % q == 0:
+                server.upload(z.detach(), y)
+            z_leaf = z.detach().requires_grad_(True)
+            aux_loss = loss_fn(aux(z_leaf), y)
+            (g_hat,) = torch.autograd.grad(aux_loss, z_leaf)  # the estimate of ∂L/∂z
+            opt.zero_grad(set_to_none=True)
+            z.backward(g_hat)
+            opt.step()
+            losses.append(aux_loss.detach())
+        return torch.stack(losses).mean()
+
+    def planned_batch_traffic(self, t: int, batch_sizes: list[int], sizes: TrafficSizes):
+        out = exchange_traffic(uploads(batch_sizes, self.cfg.server_update_interval), sizes,
+                               gradients=False)  # fmt: skip
+        if t % self.cfg.align_interval == 0:
+            out.append(("aux_model", "down", sizes.part_bytes["aux_model"]))
+        return out

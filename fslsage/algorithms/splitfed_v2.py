@@ -1,0 +1,36 @@
+"""SplitFed v2 ("SplitFed-SS", Thapa et al.): clients train in parallel against ONE shared
+server model, which steps on every batch it receives; client models are averaged each round."""
+
+from __future__ import annotations
+
+from fslsage.algorithms import ALGORITHMS
+from fslsage.algorithms.base import (
+    Algorithm,
+    Batches,
+    Client,
+    Server,
+    ServerLink,
+    TrafficSizes,
+    exchange_traffic,
+    server_step,
+    train_with_server_gradients,
+)
+
+
+class SharedServer(Server):
+    """One server model; every exchange is one optimizer step, ∂L/∂z goes back."""
+
+    def on_exchange(self, cid, z, y):
+        loss, grad = server_step(self.model, self.opt, z, y)
+        return grad, loss
+
+
+@ALGORITHMS.register("splitfed_v2")
+class SplitFedV2(Algorithm):
+    server_class = SharedServer
+
+    def train_round(self, client: Client, batches: Batches, server: ServerLink, t: int):
+        return train_with_server_gradients(client, batches, server)
+
+    def planned_batch_traffic(self, t: int, batch_sizes: list[int], sizes: TrafficSizes):
+        return exchange_traffic(batch_sizes, sizes, gradients=True)

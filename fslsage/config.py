@@ -1,0 +1,291 @@
+"""One flat, typed experiment config: YAML file + `--set key=value` overrides, validated up front.
+
+Every CLI loads its config through `load_config`; a bad config raises `ConfigError`, which the
+CLIs print as one line naming the key (exit code 2) before anything starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, always attributed to one key."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"{key}: {message}")
+
+
+@dataclass
+class Config:
+    name: str = "experiment"
+    algorithm: str = "fsl_sage"
+    model: str = "digits_cnn"
+    model_args: dict = field(default_factory=dict)
+    dataset: str = "digits"
+    dataset_args: dict = field(default_factory=dict)
+    data_dir: str = "data"
+    download: bool = True
+    partition: str = "dirichlet"
+    alpha: float = 1.0
+    shards_per_client: int = 2
+    num_clients: int = 10
+    rounds: int = 10
+    local_epochs: int = 1
+    batch_size: int = 256
+    eval_batch_size: int = 1024
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    server_update_interval: int = 5  # q
+    align_interval: int = 10  # l
+    align_buffer_size: int = 1000
+    align_epochs: int = 100
+    align_batch_size: int = 1000
+    align_lr: float = 1e-3
+    align_targets: Literal["lazy", "eager"] = "lazy"
+    warm_start: bool = False
+    server_mode: Literal["stateful"] = "stateful"
+    comm_budget_gib: float = 200.0
+    target_acc: float = 0.8
+    seed: int = 0
+    runtime: Literal["local", "ray"] = "local"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    client_gpus: float = 0.0
+    server_gpus: float = 0.0
+    server_batching: Literal["exact", "coalesce"] = "exact"
+    max_batch: int = 8
+    max_wait_ms: float = 5.0
+    checkpoint_every: int = 0
+    search: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> Config:
+        return validate({**self.to_dict(), **changes})
+
+
+FIELDS = {f.name: f for f in fields(Config)}
+_TYPES = get_type_hints(Config)
+
+# Range rules for numeric keys, checked after types.
+_POSITIVE = ("alpha", "lr", "align_lr", "comm_budget_gib")
+_AT_LEAST_ONE = (
+    "num_clients", "rounds", "local_epochs", "batch_size", "eval_batch_size", "shards_per_client",
+    "server_update_interval", "align_interval", "align_buffer_size", "align_epochs",
+    "align_batch_size", "max_batch",
+)  # fmt: skip
+_NON_NEGATIVE = ("weight_decay", "client_gpus", "server_gpus", "max_wait_ms", "checkpoint_every")
+
+SEARCH_SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
+SEARCH_OPTIONS = ("num_samples", "scheduler", "metric", "mode", "grace_gib", "reduction_factor")
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_type(key: str, value: Any) -> Any:
+    """Return the value coerced where lossless (int → float), else raise ConfigError."""
+    tp = _TYPES[key]
+    if get_origin(tp) is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(key, f"got {value!r}{hint}; allowed: {_type_name(tp)}")
+        return value
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+        dict: isinstance(value, dict),
+    }[tp]
+    if not ok:
+        raise ConfigError(key, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    if tp is float:
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(key, f"must be finite, got {value!r}")
+    return value
+
+
+def _check_range(cfg: Config) -> None:
+    for key in _POSITIVE:
+        if getattr(cfg, key) <= 0:
+            raise ConfigError(key, f"must be > 0, got {getattr(cfg, key)!r}")
+    for key in _AT_LEAST_ONE:
+        if getattr(cfg, key) < 1:
+            raise ConfigError(key, f"must be >= 1, got {getattr(cfg, key)!r}")
+    for key in _NON_NEGATIVE:
+        if getattr(cfg, key) < 0:
+            raise ConfigError(key, f"must be >= 0, got {getattr(cfg, key)!r}")
+    if not 0.0 <= cfg.target_acc <= 1.0:
+        raise ConfigError("target_acc", f"must be in [0, 1], got {cfg.target_acc!r}")
+    if cfg.client_gpus > 1:
+        raise ConfigError("client_gpus", f"a client actor gets at most 1 GPU, got {cfg.client_gpus}")
+    if not cfg.name or "/" in cfg.name:
+        raise ConfigError("name", f"must be a non-empty name without '/', got {cfg.name!r}")
+
+
+def _check_registries(cfg: Config) -> None:
+    """Registry names, dataset/model compatibility and builder arguments (models built on meta)."""
+    import torch
+
+    from fslsage.algorithms import ALGORITHMS
+    from fslsage.data import DATASETS, PARTITIONS, describe_dataset
+    from fslsage.models import build_model
+    from fslsage.registry import UnknownNameError
+
+    for key, registry in (
+        ("algorithm", ALGORITHMS), ("dataset", DATASETS), ("partition", PARTITIONS),
+    ):  # fmt: skip
+        try:
+            registry.get(getattr(cfg, key))
+        except UnknownNameError as e:
+            raise ConfigError(key, str(e)) from None
+    try:
+        info = describe_dataset(cfg.dataset, **cfg.dataset_args)
+    except TypeError as e:
+        raise ConfigError("dataset_args", str(e)) from None
+    if cfg.num_clients > info.num_train:
+        raise ConfigError(
+            "num_clients", f"{cfg.num_clients} clients but {cfg.dataset} has {info.num_train} samples"
+        )
+    try:
+        with torch.device("meta"):
+            build_model(cfg.model, info, **cfg.model_args)
+    except UnknownNameError as e:
+        raise ConfigError("model", str(e)) from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError("model_args" if "argument" in str(e) else "model", str(e)) from None
+
+
+def _check_search(search: dict) -> None:
+    """`search` maps config keys to a list (grid) or {sampler: args}; plus a few Tune options."""
+    for key, spec in search.items():
+        where = f"search.{key}"
+        if key in SEARCH_OPTIONS:
+            continue
+        if key not in FIELDS or key == "search":
+            raise ConfigError(where, _unknown_key_message(key, extra=SEARCH_OPTIONS))
+        if isinstance(spec, list):
+            values = spec
+        elif isinstance(spec, dict) and len(spec) == 1:
+            sampler, values = next(iter(spec.items()))
+            if sampler not in SEARCH_SAMPLERS:
+                raise ConfigError(where, f"unknown sampler {sampler!r}; allowed: {SEARCH_SAMPLERS}")
+            if sampler in ("uniform", "loguniform", "randint"):
+                if not (isinstance(values, list) and len(values) == 2):
+                    raise ConfigError(where, f"{sampler} takes [low, high], got {values!r}")
+                if values[0] >= values[1]:
+                    raise ConfigError(where, f"{sampler} needs low < high, got {values!r}")
+        else:
+            raise ConfigError(
+                where, f"expected a list of values or {{sampler: args}}, got {spec!r}"
+            )
+        if not isinstance(values, list) or not values:
+            raise ConfigError(where, f"expected a non-empty list, got {values!r}")
+        for v in values:
+            try:
+                _check_type(key, v)
+            except ConfigError as e:
+                raise ConfigError(where, str(e).split(": ", 1)[1]) from None
+
+
+def _unknown_key_message(key: str, extra: tuple[str, ...] = ()) -> str:
+    names = list(FIELDS) + list(extra)
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown key{hint}"
+
+
+def validate(raw: dict[str, Any], check_registries: bool = True) -> Config:
+    """Build a Config from a plain dict, or raise ConfigError naming the first bad key."""
+    if not isinstance(raw, dict):
+        raise ConfigError("<config>", f"expected a mapping of keys, got {type(raw).__name__}")
+    values = {}
+    for key, value in raw.items():
+        if key not in FIELDS:
+            raise ConfigError(str(key), _unknown_key_message(str(key)))
+        values[key] = _check_type(key, value)
+    cfg = Config(**values)
+    _check_range(cfg)
+    _check_search(cfg.search)
+    if check_registries:
+        _check_registries(cfg)
+    return cfg
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`key=value` strings → nested dict; values parse as YAML, dotted keys reach into blocks."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(pair, "override must look like key=value")
+        dotted, text = pair.split("=", 1)
+        try:
+            value = yaml.safe_load(text) if text != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(dotted, f"value is not valid YAML: {e}") from None
+        *parents, leaf = dotted.split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(dotted, "cannot set a field inside a non-mapping value")
+        node[leaf] = value
+    return out
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Recursive merge: nested dicts (search, model_args, dataset_args) merge key by key."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, check_registries: bool = True
+) -> Config:
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError("--config", f"no such file: {path}")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError("--config", f"{path} is not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError("--config", f"{path} must hold a mapping of keys")
+    raw = merge(raw, parse_overrides(overrides or []))
+    return validate(raw, check_registries=check_registries)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} → {"a.b": 1}: MLflow params and parquet columns."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out

@@ -1,0 +1,203 @@
+"""One experiment: data, partition and algorithm set up once (`prepare`), then the F-Server loop
+(`run_experiment`) driving any runtime — in-process (`LocalRuntime`) or Ray (`actors/`)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from fslsage.algorithms import ALGORITHMS
+from fslsage.algorithms.base import Algorithm, ClientReport, State, loss_fn
+from fslsage.config import Config
+from fslsage.data import ClientShard, label_histogram, load_dataset, partition, prepare_inputs
+from fslsage.data.base import CLASSIFICATION, Dataset, DatasetInfo
+from fslsage.ledger import Ledger
+from fslsage.models import build_model
+from fslsage.results import write_parquet_atomic
+from fslsage.transport import local_send, run_client_round
+
+METRIC_COLUMNS = [
+    "round", "test_acc", "test_loss", "train_loss", "comm_gib", "up_gib", "down_gib", "wall_s",
+]  # fmt: skip
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss went NaN/inf: the run stops with the round and the value as its reason."""
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def build_algorithm(cfg: Config, info: DatasetInfo) -> Algorithm:
+    """The algorithm with its global initial model; seeded so every runtime starts identically."""
+    torch.manual_seed(cfg.seed)
+    split = build_model(cfg.model, info, **cfg.model_args)
+    return ALGORITHMS.get(cfg.algorithm)(cfg, split)
+
+
+@dataclass
+class Prepared:
+    """What every runtime needs: the data, who holds which samples, and the algorithm."""
+
+    cfg: Config
+    dataset: Dataset
+    client_indices: list[np.ndarray]
+    histogram: np.ndarray  # (clients, classes) label counts
+    algorithm: Algorithm
+
+    @property
+    def info(self) -> DatasetInfo:
+        return self.dataset.info
+
+    def shard(self, cid: int, device: torch.device) -> ClientShard:
+        idx = torch.as_tensor(self.client_indices[cid])
+        return ClientShard(self.dataset.train_x[idx], self.dataset.train_y[idx], self.info, device)
+
+
+def prepare(cfg: Config) -> Prepared:
+    dataset = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, **cfg.dataset_args)
+    info = dataset.info
+    if info.task == CLASSIFICATION:
+        labels = dataset.train_y.numpy()
+    else:  # language modelling: no class labels to skew, every partition is over one class
+        labels = np.zeros(len(dataset.train_y), dtype=np.int64)
+    parts = partition(cfg.partition, labels, cfg.num_clients, alpha=cfg.alpha,
+                      shards_per_client=cfg.shards_per_client, seed=cfg.seed)  # fmt: skip
+    num_classes = info.num_classes if info.task == CLASSIFICATION else 1
+    hist = label_histogram(labels, parts, num_classes)
+    return Prepared(cfg, dataset, parts, hist, build_algorithm(cfg, info))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, info: DatasetInfo,
+             batch_size: int, device: torch.device) -> tuple[float, float]:  # fmt: skip
+    """Test loss and accuracy (token accuracy for language models, ignoring padding)."""
+    model.eval()
+    total_loss, correct, count = 0.0, 0, 0
+    for start in range(0, len(x), batch_size):
+        xb = prepare_inputs(x[start : start + batch_size].to(device), info)
+        yb = y[start : start + batch_size].to(device)
+        logits = model(xb)
+        mask = yb != -100
+        total_loss += loss_fn(logits, yb, reduction="sum").item()
+        correct += ((logits.argmax(-1) == yb) & mask).sum().item()
+        count += mask.sum().item()
+    return total_loss / max(count, 1), correct / max(count, 1)
+
+
+@dataclass
+class RoundOutcome:
+    train_loss: float
+    ledger: list  # Ledger entries of every client in this round
+    server_metrics: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_reports(cls, reports: list[ClientReport], server_metrics: dict) -> RoundOutcome:
+        n = sum(r.num_samples for r in reports)
+        loss = sum(r.train_loss * r.num_samples for r in reports) / n
+        return cls(loss, [e for r in reports for e in r.ledger], server_metrics)
+
+
+class Runtime(Protocol):
+    def run_round(self, t: int) -> RoundOutcome: ...
+    def evaluate(self) -> tuple[float, float]: ...
+    def close(self) -> None: ...
+
+
+class LocalRuntime:
+    """Everything in this process, clients one after another in client-id order: the reference
+    semantics and the overhead baseline for the Ray runtime."""
+
+    def __init__(self, prepared: Prepared):
+        cfg, algo = prepared.cfg, prepared.algorithm
+        self.prepared, self.algo, self.cfg = prepared, algo, cfg
+        self.device = resolve_device(cfg)
+        self.shards = [prepared.shard(cid, self.device) for cid in range(cfg.num_clients)]
+        self.clients = [algo.new_client(cid, len(s), self.device) for cid, s in enumerate(self.shards)]
+        self.server = algo.new_server(self.device)
+        self.send = local_send(self.server)
+        self.global_weights: dict[str, State] = {
+            p: {k: v.to(self.device) for k, v in s.items()} for p, s in algo.initial_global().items()
+        }
+
+    def run_round(self, t: int) -> RoundOutcome:
+        reports: list[ClientReport] = []
+        for client, shard in zip(self.clients, self.shards, strict=True):
+            weights = reports[-1].weights if self.algo.sequential and reports else self.global_weights
+            reports.append(run_client_round(self.algo, client, shard, t, weights, self.send))
+        self.global_weights = self.algo.aggregate(reports)
+        server_metrics = self.server.end_round(t) if self.server is not None else {}
+        return RoundOutcome.from_reports(reports, server_metrics)
+
+    def evaluate(self) -> tuple[float, float]:
+        server_model = self.server.eval_model() if self.server is not None else None
+        model = self.algo.eval_module(self.global_weights, server_model, self.device)
+        ds = self.prepared.dataset
+        return evaluate(model, ds.test_x, ds.test_y, ds.info, self.cfg.eval_batch_size, self.device)
+
+    def close(self) -> None:
+        pass
+
+
+def progress_line(cfg: Config, row: dict) -> str:
+    return (
+        f"[{cfg.name}] {cfg.algorithm} round {row['round']:>3}/{cfg.rounds}  "
+        f"comm {row['comm_gib']:9.4f} GiB  test_acc {row['test_acc']:.4f}  "
+        f"test_loss {row['test_loss']:.4f}  elapsed {row['wall_s']:.1f}s"
+    )
+
+
+def run_experiment(
+    cfg: Config,
+    runtime: Runtime,
+    out_dir: str | Path | None = None,
+    progress: Callable[[str], None] | None = print,
+    on_round: Callable[[dict], None] | None = None,
+) -> pd.DataFrame:
+    """The F-Server loop: rounds until `rounds` or the communication budget; one metrics row per
+    round, rewritten atomically to OUT/metrics.parquet after every round."""
+    ledger = Ledger()
+    rows: list[dict] = []
+    start = time.perf_counter()
+    for t in range(1, cfg.rounds + 1):
+        outcome = runtime.run_round(t)
+        if not math.isfinite(outcome.train_loss):
+            raise TrainingDiverged(f"train_loss is {outcome.train_loss} in round {t}")
+        ledger.merge(outcome.ledger)
+        test_loss, test_acc = runtime.evaluate()
+        row = {
+            "round": t,
+            "test_acc": test_acc,
+            "test_loss": test_loss,
+            "train_loss": outcome.train_loss,
+            "comm_gib": ledger.gib(),
+            "up_gib": ledger.gib("up"),
+            "down_gib": ledger.gib("down"),
+            "wall_s": time.perf_counter() - start,
+        }
+        if cfg.algorithm == "fsl_sage":
+            row["align_loss"] = outcome.server_metrics.get("align_loss", float("nan"))
+        rows.append(row)
+        if out_dir is not None:
+            write_parquet_atomic(pd.DataFrame(rows), Path(out_dir) / "metrics.parquet")
+        if progress is not None:
+            progress(progress_line(cfg, row))
+        if on_round is not None:
+            on_round(row)
+        if row["comm_gib"] >= cfg.comm_budget_gib:
+            if progress is not None:
+                progress(f"[{cfg.name}] communication budget {cfg.comm_budget_gib} GiB reached")
+            break
+    return pd.DataFrame(rows)
