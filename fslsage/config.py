@@ -135,7 +135,9 @@ def _check_range(cfg: Config) -> None:
     if not 0.0 <= cfg.target_acc <= 1.0:
         raise ConfigError("target_acc", f"must be in [0, 1], got {cfg.target_acc!r}")
     if cfg.client_gpus > 1:
-        raise ConfigError("client_gpus", f"a client actor gets at most 1 GPU, got {cfg.client_gpus}")
+        raise ConfigError(
+            "client_gpus", f"a client actor gets at most 1 GPU, got {cfg.client_gpus}"
+        )
     if not cfg.name or "/" in cfg.name:
         raise ConfigError("name", f"must be a non-empty name without '/', got {cfg.name!r}")
 
@@ -162,7 +164,8 @@ def _check_registries(cfg: Config) -> None:
         raise ConfigError("dataset_args", str(e)) from None
     if cfg.num_clients > info.num_train:
         raise ConfigError(
-            "num_clients", f"{cfg.num_clients} clients but {cfg.dataset} has {info.num_train} samples"
+            "num_clients",
+            f"{cfg.num_clients} clients but {cfg.dataset} has {info.num_train} samples",
         )
     try:
         with torch.device("meta"):

@@ -125,17 +125,22 @@ class LocalRuntime:
         self.prepared, self.algo, self.cfg = prepared, algo, cfg
         self.device = resolve_device(cfg)
         self.shards = [prepared.shard(cid, self.device) for cid in range(cfg.num_clients)]
-        self.clients = [algo.new_client(cid, len(s), self.device) for cid, s in enumerate(self.shards)]
+        self.clients = [
+            algo.new_client(cid, len(s), self.device) for cid, s in enumerate(self.shards)
+        ]
         self.server = algo.new_server(self.device)
         self.send = local_send(self.server)
         self.global_weights: dict[str, State] = {
-            p: {k: v.to(self.device) for k, v in s.items()} for p, s in algo.initial_global().items()
+            p: {k: v.to(self.device) for k, v in s.items()}
+            for p, s in algo.initial_global().items()
         }
 
     def run_round(self, t: int) -> RoundOutcome:
         reports: list[ClientReport] = []
         for client, shard in zip(self.clients, self.shards, strict=True):
-            weights = reports[-1].weights if self.algo.sequential and reports else self.global_weights
+            weights = (
+                reports[-1].weights if self.algo.sequential and reports else self.global_weights
+            )
             reports.append(run_client_round(self.algo, client, shard, t, weights, self.send))
         self.global_weights = self.algo.aggregate(reports)
         server_metrics = self.server.end_round(t) if self.server is not None else {}

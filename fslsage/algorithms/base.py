@@ -238,7 +238,9 @@ class Algorithm:
         return nn.Sequential(client, server_model)
 
     # -- the paper's communication accounting (dry-run) -----------------------------------------
-    def planned_traffic(self, t: int, batch_sizes: list[int], sizes: TrafficSizes) -> list[Transfer]:
+    def planned_traffic(
+        self, t: int, batch_sizes: list[int], sizes: TrafficSizes
+    ) -> list[Transfer]:
         """Transfers of one client in round *t*, given its local-iteration batch sizes."""
         out: list[Transfer] = []
         for part in self.federated_parts:
@@ -265,11 +267,16 @@ def uploads(batch_sizes: list[int], q: int) -> Iterator[int]:
     return (b for k, b in enumerate(batch_sizes) if k % q == 0)
 
 
-def exchange_traffic(batch_sizes: Iterable[int], sizes: TrafficSizes, gradients: bool) -> list[Transfer]:
+def exchange_traffic(
+    batch_sizes: Iterable[int], sizes: TrafficSizes, gradients: bool
+) -> list[Transfer]:
     """z and labels up per batch, and ∂L/∂z down when the algorithm returns gradients."""
     out: list[Transfer] = []
     for b in batch_sizes:
-        out += [("activations", "up", b * sizes.activation_bytes), ("labels", "up", b * sizes.label_bytes)]
+        out += [
+            ("activations", "up", b * sizes.activation_bytes),
+            ("labels", "up", b * sizes.label_bytes),
+        ]
         if gradients:
             out.append(("gradients", "down", b * sizes.activation_bytes))
     return out

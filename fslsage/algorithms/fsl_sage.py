@@ -64,7 +64,9 @@ class FifoBuffer:
 
     def append(self, *tensors: Tensor) -> None:
         if self.tensors:
-            tensors = tuple(torch.cat([old, new]) for old, new in zip(self.tensors, tensors, strict=True))
+            tensors = tuple(
+                torch.cat([old, new]) for old, new in zip(self.tensors, tensors, strict=True)
+            )
         self.tensors = tuple(t[-self.capacity :] for t in tensors)
 
     def __len__(self) -> int:
@@ -78,7 +80,9 @@ class AligningServer(UploadServer):
         super().__init__(model, cfg, num_clients)
         device = next(model.parameters()).device
         self.aux = [copy.deepcopy(aux_init).to(device) for _ in range(num_clients)]
-        self.aux_opts = [make_optimizer(a, cfg, lr=cfg.align_lr, weight_decay=0.0) for a in self.aux]
+        self.aux_opts = [
+            make_optimizer(a, cfg, lr=cfg.align_lr, weight_decay=0.0) for a in self.aux
+        ]
         self.buffers = [FifoBuffer(cfg.align_buffer_size) for _ in range(num_clients)]
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed + 7919)
 
