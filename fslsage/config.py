@@ -21,6 +21,8 @@ class ConfigError(ValueError):
 
     def __init__(self, key: str, message: str):
         self.key = key
+        # Always one line: the CLIs print it as the whole error (YAML and torch messages wrap).
+        message = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
         super().__init__(f"{key}: {message}")
 
 
@@ -148,7 +150,7 @@ def _check_registries(cfg: Config) -> None:
 
     from fslsage.algorithms import ALGORITHMS
     from fslsage.data import DATASETS, PARTITIONS, describe_dataset
-    from fslsage.models import build_model
+    from fslsage.models import MODELS, ModelArgError, build_model
     from fslsage.registry import UnknownNameError
 
     for key, registry in (
@@ -172,8 +174,22 @@ def _check_registries(cfg: Config) -> None:
             build_model(cfg.model, info, **cfg.model_args)
     except UnknownNameError as e:
         raise ConfigError("model", str(e)) from None
+    except ModelArgError as e:
+        raise ConfigError("model_args", str(e)) from None
     except (TypeError, ValueError) as e:
-        raise ConfigError("model_args" if "argument" in str(e) else "model", str(e)) from None
+        # A dataset the model cannot take is the model's fault; any other builder complaint
+        # (a bad aux_variant, client_layers out of range, ...) comes from a model_arg's value.
+        incompatible = "cannot be used with dataset" in str(e) or not cfg.model_args
+        raise ConfigError("model" if incompatible else "model_args", str(e)) from None
+    for key, registry in (
+        ("algorithm", ALGORITHMS), ("dataset", DATASETS), ("partition", PARTITIONS),
+        ("model", MODELS),
+    ):  # fmt: skip
+        for value in _search_choices(cfg.search.get(key)):
+            try:
+                registry.get(value)
+            except UnknownNameError as e:
+                raise ConfigError(f"search.{key}", str(e)) from None
 
 
 def _check_search(search: dict) -> None:
