@@ -37,12 +37,7 @@ def plot_acc_vs_comm(metrics: pd.DataFrame, path: str | Path, title: str = "") -
     ax.set_xlabel("communication (GiB)")
     ax.set_ylabel("test accuracy")
     ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    out = write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
-    return out
+    return _save(fig, ax, path)
 
 
 def plot_acc_vs_alpha(summary: pd.DataFrame, path: str | Path, column: str = "final_acc") -> Path:
@@ -54,6 +49,10 @@ def plot_acc_vs_alpha(summary: pd.DataFrame, path: str | Path, column: str = "fi
     ax.set_xscale("log")
     ax.set_xlabel("alpha (lower = more heterogeneous)")
     ax.set_ylabel(column.replace("_", " "))
+    return _save(fig, ax, path)
+
+
+def _save(fig, ax, path: str | Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     fig.tight_layout()
