@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -63,6 +64,9 @@ class Config:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     client_gpus: float = 0.0
     server_gpus: float = 0.0
+    client_cpus: float = 1.0  # per client actor (runtime: ray)
+    num_client_actors: int = 0  # 0: as many as the cluster's CPUs (and GPUs) hold
+    server_accelerator: str = ""  # Ray accelerator type the S-Server asks for, e.g. "A100"
     server_batching: Literal["exact", "coalesce"] = "exact"
     max_batch: int = 8
     max_wait_ms: float = 5.0
@@ -80,13 +84,16 @@ FIELDS = {f.name: f for f in fields(Config)}
 _TYPES = get_type_hints(Config)
 
 # Range rules for numeric keys, checked after types.
-_POSITIVE = ("alpha", "lr", "align_lr", "comm_budget_gib")
+_POSITIVE = ("alpha", "lr", "align_lr", "comm_budget_gib", "client_cpus")
 _AT_LEAST_ONE = (
     "num_clients", "rounds", "local_epochs", "batch_size", "eval_batch_size", "shards_per_client",
     "server_update_interval", "align_interval", "align_buffer_size", "align_epochs",
     "align_batch_size", "max_batch",
 )  # fmt: skip
-_NON_NEGATIVE = ("weight_decay", "client_gpus", "server_gpus", "max_wait_ms", "checkpoint_every")
+_NON_NEGATIVE = (
+    "weight_decay", "client_gpus", "server_gpus", "max_wait_ms", "checkpoint_every",
+    "num_client_actors",
+)  # fmt: skip
 
 SEARCH_SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
 SEARCH_OPTIONS = ("num_samples", "scheduler", "metric", "mode", "grace_gib", "reduction_factor")
@@ -162,7 +169,7 @@ def _check_registries(cfg: Config) -> None:
             raise ConfigError(key, str(e)) from None
     try:
         info = describe_dataset(cfg.dataset, **cfg.dataset_args)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:  # an unknown dataset_arg or a bad value of one
         raise ConfigError("dataset_args", str(e)) from None
     if cfg.num_clients > info.num_train:
         raise ConfigError(
@@ -192,9 +199,19 @@ def _check_registries(cfg: Config) -> None:
                 raise ConfigError(f"search.{key}", str(e)) from None
 
 
-def _check_search(search: dict) -> None:
-    """`search` maps config keys to a list (grid) or {sampler: args}; plus a few Tune options."""
-    for key, spec in search.items():
+def _search_choices(spec: Any) -> list:
+    """The discrete values a search entry can take (grid list or {choice: [...]}), else []."""
+    if isinstance(spec, list):
+        return spec
+    if isinstance(spec, dict) and set(spec) == {"choice"} and isinstance(spec["choice"], list):
+        return spec["choice"]
+    return []
+
+
+def _check_search(cfg: Config) -> None:
+    """`search` maps config keys to a list (grid) or {sampler: args}; plus a few Tune options.
+    Every value a trial could get must pass the same type and range checks as the key itself."""
+    for key, spec in cfg.search.items():
         where = f"search.{key}"
         if key in SEARCH_OPTIONS:
             continue
@@ -205,12 +222,27 @@ def _check_search(search: dict) -> None:
         elif isinstance(spec, dict) and len(spec) == 1:
             sampler, values = next(iter(spec.items()))
             if sampler not in SEARCH_SAMPLERS:
-                raise ConfigError(where, f"unknown sampler {sampler!r}; allowed: {SEARCH_SAMPLERS}")
+                close = difflib.get_close_matches(str(sampler), SEARCH_SAMPLERS, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(
+                    where,
+                    f"unknown sampler {sampler!r}{hint}; allowed: {', '.join(SEARCH_SAMPLERS)}",
+                )
             if sampler in ("uniform", "loguniform", "randint"):
-                if not (isinstance(values, list) and len(values) == 2):
-                    raise ConfigError(where, f"{sampler} takes [low, high], got {values!r}")
+                if _TYPES[key] not in (int, float):
+                    raise ConfigError(
+                        where, f"{sampler} needs a numeric key, {key} is {_type_name(_TYPES[key])}"
+                    )
+                numeric = all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool)
+                    for v in (values if isinstance(values, list) else [])
+                )
+                if not (isinstance(values, list) and len(values) == 2 and numeric):
+                    raise ConfigError(where, f"{sampler} takes [low, high] numbers, got {values!r}")
                 if values[0] >= values[1]:
                     raise ConfigError(where, f"{sampler} needs low < high, got {values!r}")
+                if sampler == "loguniform" and values[0] <= 0:
+                    raise ConfigError(where, f"loguniform needs 0 < low, got {values!r}")
         else:
             raise ConfigError(
                 where, f"expected a list of values or {{sampler: args}}, got {spec!r}"
@@ -219,7 +251,8 @@ def _check_search(search: dict) -> None:
             raise ConfigError(where, f"expected a non-empty list, got {values!r}")
         for v in values:
             try:
-                _check_type(key, v)
+                value = _check_type(key, v)
+                _check_range(dataclasses.replace(cfg, **{key: value}))
             except ConfigError as e:
                 raise ConfigError(where, str(e).split(": ", 1)[1]) from None
 
@@ -228,7 +261,7 @@ def _unknown_key_message(key: str, extra: tuple[str, ...] = ()) -> str:
     names = list(FIELDS) + list(extra)
     close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"unknown key{hint}"
+    return f"unknown key{hint}; allowed: {', '.join(names)}"
 
 
 def validate(raw: dict[str, Any], check_registries: bool = True) -> Config:
@@ -242,10 +275,32 @@ def validate(raw: dict[str, Any], check_registries: bool = True) -> Config:
         values[key] = _check_type(key, value)
     cfg = Config(**values)
     _check_range(cfg)
-    _check_search(cfg.search)
+    _check_search(cfg)
     if check_registries:
         _check_registries(cfg)
     return cfg
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML as people write it: `1e-3` and `5E4` are floats (YAML 1.2), not strings (1.1)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML parse error in one line: what went wrong and where (1-based line, column)."""
+    problem = getattr(e, "problem", None) or str(e)
+    mark = getattr(e, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -256,9 +311,11 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
             raise ConfigError(pair, "override must look like key=value")
         dotted, text = pair.split("=", 1)
         try:
-            value = yaml.safe_load(text) if text != "" else ""
+            value = _load_yaml(text) if text != "" else ""
         except yaml.YAMLError as e:
-            raise ConfigError(dotted, f"value is not valid YAML: {e}") from None
+            raise ConfigError(
+                dotted, f"value {text!r} is not valid YAML: {_yaml_problem(e)}"
+            ) from None
         *parents, leaf = dotted.split(".")
         node = out
         for part in parents:
@@ -289,9 +346,9 @@ def load_config(
         if not path.is_file():
             raise ConfigError("--config", f"no such file: {path}")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = _load_yaml(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError("--config", f"{path} is not valid YAML: {e}") from None
+            raise ConfigError("--config", f"{path} is not valid YAML: {_yaml_problem(e)}") from None
         if not isinstance(raw, dict):
             raise ConfigError("--config", f"{path} must hold a mapping of keys")
     raw = merge(raw, parse_overrides(overrides or []))
