@@ -33,11 +33,14 @@ IGNORE_INDEX = -100
 
 # ----------------------------------------------------------------------------- maths shared by all
 def loss_fn(logits: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
-    """NLL of log-softmax (cross-entropy); works for (B, C) and language-model (B, T, V) logits."""
-    return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), y.reshape(-1),
-        ignore_index=IGNORE_INDEX, reduction=reduction,
-    )  # fmt: skip
+    """NLL of log-softmax (cross-entropy); works for (B, C) and language-model (B, T, V) logits.
+    The mean is over labelled targets and is 0, not NaN, for a batch whose labels are all ignored
+    (a language-model batch of prompts only)."""
+    flat_logits, flat_y = logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
+    if reduction != "mean":
+        return F.cross_entropy(flat_logits, flat_y, ignore_index=IGNORE_INDEX, reduction=reduction)
+    total = F.cross_entropy(flat_logits, flat_y, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (flat_y != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def make_optimizer(
