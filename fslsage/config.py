@@ -55,7 +55,6 @@ class Config:
     align_batch_size: int = 1000
     align_lr: float = 1e-3
     align_targets: Literal["lazy", "eager"] = "lazy"
-    warm_start: bool = False
     server_mode: Literal["stateful"] = "stateful"
     comm_budget_gib: float = 200.0
     target_acc: float = 0.8

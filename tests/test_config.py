@@ -266,7 +266,7 @@ def test_set_values_parse_as_yaml():
             "rounds=7",
             "lr=1e-3",  # a float, as in YAML 1.2 (PyYAML alone reads a string)
             "alpha=0.5",
-            "warm_start=true",
+            "download=false",
             "name=a=b",  # only the first '=' separates key and value
             "comm_budget_gib=2E1",
             "target_acc=1",  # an int where a float goes is widened
@@ -275,7 +275,7 @@ def test_set_values_parse_as_yaml():
     assert cfg.rounds == 7 and isinstance(cfg.rounds, int)
     assert cfg.lr == 1e-3 and isinstance(cfg.lr, float)
     assert cfg.alpha == 0.5
-    assert cfg.warm_start is True
+    assert cfg.download is False
     assert cfg.name == "a=b"
     assert cfg.comm_budget_gib == 20.0
     assert cfg.target_acc == 1.0 and isinstance(cfg.target_acc, float)
