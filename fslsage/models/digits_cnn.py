@@ -14,7 +14,7 @@ from fslsage.models.common import flatten_linear, probe_shape, require_images
 @MODELS.register("digits_cnn")
 def digits_cnn(info: DatasetInfo) -> SplitModel:
     """Client: conv3×3 16 + ReLU, conv3×3 32 + ReLU, maxpool2 (32×4×4 on 8×8). Server: conv3×3
-    32 + ReLU, fc 128 + ReLU, fc classes. Aux: flatten + linear."""
+    32 + GroupNorm + ReLU, fc 128 + LayerNorm + ReLU, fc classes. Aux: flatten + linear."""
     in_channels = require_images("digits_cnn", info)
     client = nn.Sequential(
         OrderedDict(
@@ -26,12 +26,22 @@ def digits_cnn(info: DatasetInfo) -> SplitModel:
         )
     )
     cut = probe_shape("digits_cnn", info, client)
-    conv = nn.Sequential(nn.Conv2d(cut[0], 32, kernel_size=3, padding=1), nn.ReLU(), nn.Flatten(1))
+    # A norm before each server ReLU: under strongly label-skewed uploads (alpha=0.1)
+    # Adam steps otherwise drive every unit of a plain conv+ReLU dead within one round, for
+    # every algorithm. Per-sample and the same in train and eval mode, it keeps FSL-SAGE's
+    # per-sample gradient targets independent of the batch.
+    conv = nn.Sequential(
+        nn.Conv2d(cut[0], 32, kernel_size=3, padding=1),
+        nn.GroupNorm(4, 32),
+        nn.ReLU(),
+        nn.Flatten(1),
+    )
     (features,) = probe_shape("digits_cnn", info, conv, cut)
     server = nn.Sequential(
         OrderedDict(
             conv=conv,
             fc1=nn.Linear(features, 128),
+            norm=nn.LayerNorm(128),
             relu=nn.ReLU(),
             fc2=nn.Linear(128, info.num_classes),
         )
