@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: venv
-	$(PY) -m fslsage.demo
+	$(PY) -m fslsage.demo  # a Ray Tune sweep: configs/demo_sweep.yaml
 
 test: venv
 	$(PY) -m ruff check .

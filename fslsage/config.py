@@ -81,6 +81,7 @@ class Config:
 
 FIELDS = {f.name: f for f in fields(Config)}
 _TYPES = get_type_hints(Config)
+FIELD_TYPES = _TYPES  # key → annotated type, for the sweep's search-space translation
 
 # Range rules for numeric keys, checked after types.
 _POSITIVE = ("alpha", "lr", "align_lr", "comm_budget_gib", "client_cpus")
@@ -95,7 +96,12 @@ _NON_NEGATIVE = (
 )  # fmt: skip
 
 SEARCH_SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
-SEARCH_OPTIONS = ("num_samples", "scheduler", "metric", "mode", "grace_gib", "reduction_factor")
+SEARCH_OPTIONS = (
+    "num_samples", "scheduler", "metric", "mode", "grace_gib", "reduction_factor",
+    "max_concurrent",
+)  # fmt: skip
+SEARCH_SCHEDULERS = ("fifo", "asha")
+SEARCH_METRICS = {"test_acc": "max", "test_loss": "min", "train_loss": "min"}  # metric: its mode
 
 
 def _type_name(tp: Any) -> str:
@@ -191,20 +197,85 @@ def _check_registries(cfg: Config) -> None:
         ("algorithm", ALGORITHMS), ("dataset", DATASETS), ("partition", PARTITIONS),
         ("model", MODELS),
     ):  # fmt: skip
-        for value in _search_choices(cfg.search.get(key)):
+        for value in search_choices(cfg.search.get(key)):
             try:
                 registry.get(value)
             except UnknownNameError as e:
                 raise ConfigError(f"search.{key}", str(e)) from None
 
 
-def _search_choices(spec: Any) -> list:
-    """The discrete values a search entry can take (grid list or {choice: [...]}), else []."""
+def search_choices(spec: Any) -> list:
+    """The discrete values a search entry can take (a list, {grid: [...]} or {choice: [...]}),
+    else [] (a continuous sampler, or no entry)."""
     if isinstance(spec, list):
         return spec
-    if isinstance(spec, dict) and set(spec) == {"choice"} and isinstance(spec["choice"], list):
-        return spec["choice"]
+    if isinstance(spec, dict) and len(spec) == 1:
+        ((sampler, values),) = spec.items()
+        if sampler in ("grid", "choice") and isinstance(values, list):
+            return values
     return []
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def max_budget_gib(cfg: Config) -> float:
+    """The largest communication budget any trial of the sweep can get (ASHA's max_t)."""
+    spec = cfg.search.get("comm_budget_gib")
+    values = search_choices(spec)
+    if isinstance(spec, dict) and not values:  # uniform/loguniform/randint: the upper bound
+        values = [next(iter(spec.values()))[1]]
+    return float(max([cfg.comm_budget_gib, *values]))
+
+
+def _check_search_options(cfg: Config) -> None:
+    """The sweep's own options in `search` (how many samples, which scheduler, ...): checked here
+    so a bad one is a one-line config error before Ray starts, not a Tune traceback."""
+    search = cfg.search
+    n = search.get("num_samples", 1)
+    if not _is_int(n) or n < 1:
+        raise ConfigError("search.num_samples", f"must be an int >= 1, got {n!r}")
+    n = search.get("max_concurrent", 0)
+    if not _is_int(n) or n < 0:
+        raise ConfigError(
+            "search.max_concurrent", f"must be an int >= 0 (0: as resources allow), got {n!r}"
+        )
+    scheduler = search.get("scheduler", "fifo")
+    if scheduler not in SEARCH_SCHEDULERS:
+        raise ConfigError(
+            "search.scheduler", f"got {scheduler!r}; allowed: {', '.join(SEARCH_SCHEDULERS)}"
+        )
+    metric = search.get("metric", "test_acc")
+    if metric not in SEARCH_METRICS:
+        raise ConfigError("search.metric", f"got {metric!r}; allowed: {', '.join(SEARCH_METRICS)}")
+    mode = search.get("mode", SEARCH_METRICS[metric])
+    if mode not in ("max", "min"):
+        raise ConfigError("search.mode", f"got {mode!r}; allowed: 'max', 'min'")
+    rf = search.get("reduction_factor", 4)
+    if not _is_number(rf) or not rf > 1:
+        raise ConfigError("search.reduction_factor", f"must be a number > 1, got {rf!r}")
+    grace = search.get("grace_gib")
+    if scheduler == "asha":
+        # GiB per round differ by orders of magnitude between models: no useful default exists.
+        if grace is None:
+            raise ConfigError(
+                "search.grace_gib", "scheduler asha needs grace_gib (GiB before a first cut)"
+            )
+        budget = max_budget_gib(cfg)
+        if not _is_number(grace) or not 0 < grace < budget:
+            raise ConfigError(
+                "search.grace_gib",
+                f"must be a number in (0, comm_budget_gib={budget}), got {grace!r}",
+            )
+    else:
+        for key in ("grace_gib", "reduction_factor"):
+            if key in search:
+                raise ConfigError(f"search.{key}", "only goes with scheduler: asha")
 
 
 def _check_search(cfg: Config) -> None:
@@ -254,6 +325,7 @@ def _check_search(cfg: Config) -> None:
                 _check_range(dataclasses.replace(cfg, **{key: value}))
             except ConfigError as e:
                 raise ConfigError(where, str(e).split(": ", 1)[1]) from None
+    _check_search_options(cfg)
 
 
 def _unknown_key_message(key: str, extra: tuple[str, ...] = ()) -> str:

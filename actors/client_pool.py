@@ -1,0 +1,116 @@
+"""Client actors: each owns a fixed set of virtual clients (cid % num_actors) and keeps their
+modules, optimizers, RNGs and data shards between rounds, so 100 clients run on 4 actors.
+
+An actor runs its clients one after another with the same executor as the in-process runtime
+(`fslsage.transport.run_client_round`); only the `send` callable differs: requests become calls
+to the S-Server actor, uploads without waiting for them."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable
+from typing import Any
+
+import ray
+import torch
+
+from actors.common import (
+    DataBundle,
+    assigned_resources,
+    cap_cuda_memory,
+    dumps,
+    loads,
+    pack,
+    unpack,
+)
+from fslsage.algorithms.base import Algorithm, ClientReport, State
+from fslsage.experiment import resolve_device
+from fslsage.transport import Send, run_client_round
+
+
+def owned_clients(num_clients: int, num_actors: int) -> list[list[int]]:
+    """Round-robin assignment: actor a owns the clients with cid % num_actors == a."""
+    return [list(range(a, num_clients, num_actors)) for a in range(num_actors)]
+
+
+class ClientActor:
+    """A pool member: its clients' state lives here between rounds, their shards sliced once
+    from the shared dataset; `num_gpus` is its (fractional) share of a card."""
+
+    def __init__(
+        self,
+        algo: Algorithm,
+        data: DataBundle,
+        cids: list[int],
+        server: Any,
+        gpu_fraction: float = 0.0,
+        threads: int = 1,
+    ):
+        torch.set_num_threads(threads)
+        self.algo, self.server = algo, server
+        self.device = resolve_device(algo.cfg)
+        cap_cuda_memory(self.device, gpu_fraction)
+        self.shards = {cid: data.shard(cid, self.device) for cid in cids}
+        self.clients = {
+            cid: algo.new_client(cid, len(shard), self.device) for cid, shard in self.shards.items()
+        }
+        self.crash_at: tuple[int, int] | None = None
+
+    def run_round(
+        self, t: int, epoch: int, weights: dict[str, State], cids: list[int]
+    ) -> tuple[Any, ...]:
+        """Round t for `cids`, in order, all starting from `weights`. Returns 1 + len(cids)
+        values (call with num_returns=1 + len(cids)): the reports without weights, then each
+        client's weights as its own object, so the aggregation task (or, for a sequential
+        algorithm, the next client) reads them from the object store, not via the driver."""
+        reports: list[ClientReport] = []
+        states: list[dict[str, State]] = []
+        for cid in cids:
+            if self.crash_at == (t, cid):
+                os._exit(1)  # fault injection for the recovery test: the process dies here
+            send, finish = self._link(epoch, cid)
+            report = run_client_round(self.algo, self.clients[cid], self.shards[cid], t,
+                                      weights, send)  # fmt: skip
+            finish()
+            states.append(_cpu(report.weights))
+            report.weights = {}
+            reports.append(report)
+        return (reports, *states)
+
+    def _link(self, epoch: int, cid: int) -> tuple[Send, Callable[[], None]]:
+        """`send` for one client's round: numbered S-Server calls (Ray does not keep the order of
+        calls to an async actor); uploads go without waiting. `finish` says the round is done.
+        (Holding small uploads back to ride with the next call saves S-Server messages but
+        delays its work: no faster on the demo, so they go at once.)"""
+        seq = itertools.count()
+
+        def send(method: str, cid_: int, *args: Any) -> Any:
+            ref = self.server.submit.remote(epoch, cid_, next(seq), method, *pack(args))
+            if method == "upload":
+                return None
+            return unpack(ray.get(ref), self.device)
+
+        def finish() -> None:
+            self.server.submit.remote(epoch, cid, next(seq), "done")
+
+        return send, finish
+
+    def state(self) -> bytes:
+        """Every owned client (modules, optimizer state, RNG) for a checkpoint."""
+        return dumps(self.clients)
+
+    def load_state(self, blob: bytes) -> None:
+        self.clients = loads(blob, self.device)
+
+    def arm_crash(self, t: int, cid: int) -> None:
+        """Test hook: the process exits when it is about to run client `cid` in round t."""
+        self.crash_at = (t, cid)
+
+    def where(self) -> dict[str, Any]:
+        return assigned_resources()
+
+
+def _cpu(weights: dict[str, State]) -> dict[str, State]:
+    """Weights leave the actor as CPU tensors: every process sees its own GPU as cuda:0."""
+    return {part: {k: v.cpu() for k, v in state.items()} for part, state in weights.items()}

@@ -1,0 +1,133 @@
+"""What the client actors and the S-Server actor share: the dataset as it sits in the object
+store, the form of the tensors in their messages, device placement and (de)serialising role
+objects for checkpoints."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fslsage.data import ClientShard
+from fslsage.data.base import DatasetInfo
+from fslsage.experiment import Prepared
+
+
+@dataclass(frozen=True)
+class SharedArray:
+    """A tensor's memory as a C-ordered numpy array, plus how to view it as the tensor again.
+
+    Numpy arrays cross the object store zero-copy, but only in C order: a channels-last view
+    (strides (HWC, 1, WC, C)) would come back NCHW-strided, and convolutions would then take a
+    different kernel than in the in-process runtime — results no longer bit-identical."""
+
+    memory: np.ndarray
+    order: tuple[int, ...]  # the tensor's dims, outermost in memory first
+    strides: tuple[int, ...]
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> SharedArray:
+        order = tuple(sorted(range(x.dim()), key=lambda d: -x.stride(d)))
+        return cls(x.permute(order).contiguous().numpy(), order, tuple(x.stride()))
+
+    def tensor(self) -> torch.Tensor:
+        """A read-only view on the shared memory with the original strides (also those of
+        size-1 dims, which decide e.g. whether a conv input counts as channels-last)."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            t = torch.from_numpy(self.memory)
+        t = t.permute(sorted(range(t.dim()), key=lambda d: self.order[d]))
+        dims = zip(t.stride(), self.strides, t.shape, strict=True)
+        same_memory = all(a == b for a, b, n in dims if n > 1)
+        return t.as_strided(t.shape, self.strides) if same_memory else t
+
+
+@dataclass(frozen=True)
+class DataBundle:
+    """The dataset in the object store: `ray.put` stores it once per node and every actor on
+    that node views the arrays zero-copy in shared memory."""
+
+    info: DatasetInfo
+    train_x: SharedArray
+    train_y: SharedArray
+    test_x: SharedArray
+    test_y: SharedArray
+    client_indices: tuple[np.ndarray, ...]
+
+    @classmethod
+    def of(cls, prepared: Prepared) -> DataBundle:
+        ds = prepared.dataset
+        arrays = (SharedArray.of(t) for t in (ds.train_x, ds.train_y, ds.test_x, ds.test_y))
+        return cls(ds.info, *arrays, tuple(prepared.client_indices))
+
+    def shard(self, cid: int, device: torch.device) -> ClientShard:
+        """Client `cid`'s samples, gathered exactly as `Prepared.shard` does (copies the shard)."""
+        idx = torch.tensor(self.client_indices[cid])  # the stored array is read-only
+        return ClientShard(self.train_x.tensor()[idx], self.train_y.tensor()[idx], self.info,
+                           device)  # fmt: skip
+
+    def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Test tensors viewing the shared memory; evaluation only reads them."""
+        return self.test_x.tensor(), self.test_y.tensor()
+
+
+def cap_cuda_memory(device: torch.device, gpu_fraction: float) -> None:
+    """An actor with a fractional GPU keeps to its share of the card's memory."""
+    if device.type == "cuda" and 0 < gpu_fraction < 1:
+        torch.cuda.set_per_process_memory_fraction(gpu_fraction, device)
+
+
+def pack(obj: Any) -> Any:
+    """A message for another actor: tensors (also inside tuples, lists and dicts) as CPU numpy
+    arrays, which Ray moves zero-copy and serialises faster than tensors (about 0.7 ms less per
+    round trip of a 64 KiB batch here); dtypes numpy lacks (bfloat16) stay tensors."""
+    if isinstance(obj, torch.Tensor):
+        try:
+            return obj.detach().cpu().numpy()
+        except TypeError:
+            return obj.detach().cpu()
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(pack(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: pack(v) for k, v in obj.items()}
+    return obj
+
+
+def unpack(obj: Any, device: torch.device | str) -> Any:
+    """The tensors of a packed message, copied onto `device`: Ray's arrays are read-only views
+    of the object store, the maths needs tensors of its own."""
+    if isinstance(obj, np.ndarray):
+        return torch.tensor(obj, device=device)
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, copy=True)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(unpack(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: unpack(v, device) for k, v in obj.items()}
+    return obj
+
+
+def dumps(obj: Any) -> bytes:
+    """A whole role object (modules, optimizers sharing their parameters, RNGs) as bytes."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def loads(blob: bytes, device: torch.device) -> Any:
+    return torch.load(io.BytesIO(blob), map_location=device, weights_only=False)
+
+
+def assigned_resources() -> dict[str, Any]:
+    """Where this actor runs and what Ray gave it (tests and diagnostics)."""
+    import os
+
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return {"node_id": ctx.get_node_id(), "resources": ctx.get_assigned_resources(),
+            "pid": os.getpid()}  # fmt: skip

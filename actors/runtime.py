@@ -1,0 +1,269 @@
+"""The Ray runtime (SPEC §7): client actors, the S-Server actor and the F-Server coordinator
+behind the same run_round / evaluate / close interface as `fslsage.experiment.LocalRuntime`.
+
+Per round the F-Server (this driver loop) opens the round on the S-Server, hands every client
+actor the global weights (one object, put once), gathers the small reports, and has a Ray task
+average the clients' weights straight from the object store, so weights never pass through the
+driver. Every `checkpoint_every` rounds it checkpoints the clients, the S-Server and the global
+weights in the object store; if an actor dies mid-round, Ray restarts it, every role is restored
+from the checkpoint and the rounds since are re-run (deterministic with `exact` batching).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.exceptions import ActorUnavailableError, RayActorError
+
+from actors.client_pool import ClientActor, owned_clients
+from actors.common import DataBundle
+from actors.s_server import SServer
+from fslsage.algorithms.base import Algorithm, State
+from fslsage.config import Config, ConfigError
+from fslsage.experiment import Prepared, RoundOutcome
+
+log = logging.getLogger(__name__)
+
+MAX_RESTARTS = 3  # per actor, by Ray
+MAX_RECOVERIES = 3  # per round, by the F-Server
+DRAIN_TIMEOUT_S = 60.0  # how long an aborted round's surviving calls get to return
+RESTART_TIMEOUT_S = 120.0  # how long a restarting actor gets to come back
+PLACEMENT_TIMEOUT_S = 600.0  # how long the actors get to be placed and started
+
+RemoteClientActor = ray.remote(max_restarts=MAX_RESTARTS)(ClientActor)
+RemoteSServer = ray.remote(max_restarts=MAX_RESTARTS)(SServer)
+
+
+@ray.remote(num_cpus=0)
+def aggregate(
+    algo: Algorithm, report_refs: list[ray.ObjectRef], weight_refs: list[ray.ObjectRef]
+) -> dict[str, State]:
+    """F-Server aggregation as a task, reading the clients' weights from the object store.
+    Submitted when the round starts, with the references nested (so not awaited by Ray before
+    it runs): its worker starts — and imports torch, seconds on a small machine — while the
+    clients train, instead of after them, and is never left idle long enough for Ray to reap.
+    `weight_refs` are in client-id order, the order the in-process runtime averages in."""
+    reports = sorted((r for batch in ray.get(report_refs) for r in batch), key=lambda r: r.cid)
+    weights = ray.get(weight_refs)
+    return algo.aggregate(
+        [dataclasses.replace(r, weights=w) for r, w in zip(reports, weights, strict=True)]
+    )
+
+
+@ray.remote(num_cpus=0)
+def warm_up(started: list[ray.ObjectRef]) -> None:
+    """Readies a task worker (torch and the algorithms imported) for the first aggregation,
+    then waits for the actors: Ray reaps a worker left idle for a second, and starting one
+    again costs seconds."""
+    import fslsage.algorithms  # noqa: F401
+
+    ray.get(started)
+
+
+def connect(address: str | None = None) -> bool:
+    """Joins `address` (or $RAY_ADDRESS) or starts a local instance sized to the machine; an
+    instance this process already runs is reused. True when this call started Ray."""
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    ray.init(address=address, include_dashboard=False, log_to_driver=True)
+    return True
+
+
+def client_actor_count(cfg: Config, resources: dict[str, float]) -> int:
+    """`num_client_actors`, or as many as the cluster's CPUs (and GPUs, after the S-Server's)
+    hold: one per core by default. Never more than there are clients. (A Tune trial pins
+    `num_client_actors` to its placement group, see tune/resources.py.)"""
+    n = cfg.num_client_actors
+    if n == 0:
+        eps = 1e-9
+        n = int((resources.get("CPU", 1.0) + eps) // cfg.client_cpus)
+        if cfg.client_gpus > 0:
+            free = resources.get("GPU", 0.0) - cfg.server_gpus
+            n = min(n, int((free + eps) // cfg.client_gpus))
+    return max(1, min(n, cfg.num_clients))
+
+
+@dataclass
+class Checkpoint:
+    """Object-store references to the experiment state after round `t`."""
+
+    t: int
+    global_weights: ray.ObjectRef
+    server: ray.ObjectRef
+    clients: list[ray.ObjectRef]
+
+
+class RayRuntime:
+    def __init__(self, prepared: Prepared, address: str | None = None):
+        cfg, algo = prepared.cfg, prepared.algorithm
+        if cfg.device == "cuda" and (cfg.client_gpus == 0 or cfg.server_gpus == 0):
+            key = "client_gpus" if cfg.client_gpus == 0 else "server_gpus"
+            raise ConfigError(key, "device: cuda on Ray needs GPUs for the client and S-Server "
+                                   "actors (or device: auto)")  # fmt: skip
+        self.cfg, self.algo = cfg, algo
+        self.started_ray = connect(address)
+        self.algo_ref = ray.put(algo)
+        self.data_ref = ray.put(DataBundle.of(prepared))
+        n = client_actor_count(cfg, ray.cluster_resources())
+        self.owned = owned_clients(cfg.num_clients, n)
+        self.server = RemoteSServer.options(
+            num_cpus=0,  # leaves every core to a client actor; on a GPU it works on the GPU
+            num_gpus=cfg.server_gpus,
+            accelerator_type=cfg.server_accelerator or None,
+        ).remote(self.algo_ref, self.data_ref, cfg.server_batching, cfg.max_batch,
+                 cfg.max_wait_ms, cfg.server_gpus, 1)  # fmt: skip
+        threads = max(1, int(cfg.client_cpus))
+        self.client_actors = [
+            RemoteClientActor.options(num_cpus=cfg.client_cpus, num_gpus=cfg.client_gpus).remote(
+                self.algo_ref, self.data_ref, cids, self.server, cfg.client_gpus, threads
+            )
+            for cids in self.owned
+        ]
+        self.actor_of = {
+            cid: a for a, cids in zip(self.client_actors, self.owned, strict=True) for cid in cids
+        }
+        self._wait_until_started()
+        self.global_ref = ray.put(algo.initial_global())
+        self.epoch = 0  # round attempts: requests of an abandoned attempt are rejected
+        self.inflight: list[ray.ObjectRef] = []
+        self.checkpoint: Checkpoint | None = None
+        if cfg.checkpoint_every:
+            self._checkpoint(0)
+
+    def _wait_until_started(self) -> None:
+        """Every actor up (their errors raised here, not in round 1) and a warm task worker,
+        or a clear error when the cluster cannot place them."""
+        calls = [self.server.where.remote(), *(a.where.remote() for a in self.client_actors)]
+        calls.append(warm_up.remote(list(calls)))
+        ready, _ = ray.wait(calls, num_returns=len(calls), timeout=PLACEMENT_TIMEOUT_S)
+        if len(ready) < len(calls):
+            cfg = self.cfg
+            kind = f" ({cfg.server_accelerator})" if cfg.server_accelerator else ""
+            raise RuntimeError(
+                f"actors not started after {PLACEMENT_TIMEOUT_S:.0f} s: the S-Server asks for "
+                f"{cfg.server_gpus} GPU{kind}, {len(self.client_actors)} client actors for "
+                f"{cfg.client_cpus} CPU and {cfg.client_gpus} GPU each; the cluster has "
+                f"{ray.cluster_resources()}"
+            )
+        ray.get(ready)
+
+    # -- the Runtime interface ------------------------------------------------------------------
+    def run_round(self, t: int) -> RoundOutcome:
+        for attempt in range(MAX_RECOVERIES + 1):
+            try:
+                outcome = self._round(t)
+                break
+            except RayActorError as e:
+                if self.checkpoint is None or attempt == MAX_RECOVERIES:
+                    raise
+                log.warning("round %d: an actor died (%s); restoring round %d's checkpoint",
+                            t, type(e).__name__, self.checkpoint.t)  # fmt: skip
+                self._recover(t)
+        if self.cfg.checkpoint_every and t % self.cfg.checkpoint_every == 0:
+            self._checkpoint(t)
+        return outcome
+
+    def evaluate(self) -> tuple[float, float]:
+        loss, acc = ray.get(self.server.evaluate.remote(self.global_ref))
+        return loss, acc
+
+    def close(self) -> None:
+        for actor in [*self.client_actors, self.server]:
+            ray.kill(actor)
+        if self.started_ray:
+            ray.shutdown()
+
+    # -- one round --------------------------------------------------------------------------------
+    def _round(self, t: int) -> RoundOutcome:
+        self.epoch += 1
+        cids = list(range(self.cfg.num_clients))
+        ray.get(self.server.begin_round.remote(t, self.epoch, cids))
+        report_refs: list[ray.ObjectRef] = []
+        weight_of: dict[int, ray.ObjectRef] = {}  # each client's weights, in the object store
+        if self.algo.sequential:  # one client after another, the model handed on via the store
+            weights = self.global_ref
+            for cid in cids:
+                call = self.actor_of[cid].run_round.options(num_returns=2)
+                reports, weights = call.remote(t, self.epoch, weights, [cid])
+                report_refs.append(reports)
+                weight_of[cid] = weights
+        else:
+            for actor, owned in zip(self.client_actors, self.owned, strict=True):
+                reports, *weights = actor.run_round.options(num_returns=1 + len(owned)).remote(
+                    t, self.epoch, self.global_ref, owned
+                )
+                report_refs.append(reports)
+                weight_of.update(zip(owned, weights, strict=True))
+        new_global = aggregate.remote(self.algo_ref, report_refs, [weight_of[c] for c in cids])
+        self.inflight = [*report_refs, *weight_of.values(), new_global]
+        reports = sorted((r for b in _get_promptly(report_refs) for r in b), key=lambda r: r.cid)
+        server_metrics = ray.get(self.server.end_round.remote(t))
+        self.global_ref, self.inflight = new_global, []
+        return RoundOutcome.from_reports(reports, server_metrics)
+
+    # -- checkpoints and recovery -----------------------------------------------------------------
+    def _checkpoint(self, t: int) -> None:
+        server = self.server.state.remote()
+        clients = [a.state.remote() for a in self.client_actors]
+        # taken before the next round changes anything; the states stay in the object store
+        ray.wait([server, *clients], num_returns=1 + len(clients), fetch_local=False)
+        self.checkpoint = Checkpoint(t, self.global_ref, server, clients)
+
+    def _recover(self, t: int) -> None:
+        """Every role back to the checkpoint (Ray has restarted the dead actor or is doing so),
+        then the rounds after it re-run, so round t starts from the state it had."""
+        ckpt = self.checkpoint
+        assert ckpt is not None
+        # first the S-Server: it aborts the round, so clients waiting on it return
+        _when_up(lambda: ray.get(self.server.load_state.remote(ckpt.server)))
+        if self.inflight:
+            ray.wait(self.inflight, num_returns=len(self.inflight), timeout=DRAIN_TIMEOUT_S,
+                     fetch_local=False)  # fmt: skip
+            self.inflight = []
+        for actor, state in zip(self.client_actors, ckpt.clients, strict=True):
+            _when_up(lambda a=actor, s=state: ray.get(a.load_state.remote(s)))
+        self.global_ref = ckpt.global_weights
+        for s in range(ckpt.t + 1, t):
+            self._round(s)
+
+    # -- diagnostics ----------------------------------------------------------------------------
+    def placement(self) -> dict[str, Any]:
+        """Where each actor runs and what it was given (tests, logs)."""
+        return {
+            "server": ray.get(self.server.where.remote()),
+            "clients": ray.get([a.where.remote() for a in self.client_actors]),
+        }
+
+    def server_stats(self) -> dict[str, Any]:
+        return ray.get(self.server.stats.remote())
+
+
+def _when_up(call: Callable[[], Any], timeout: float = RESTART_TIMEOUT_S) -> Any:
+    """`call()`, retried while its actor is still restarting (Ray refuses calls meanwhile)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return call()
+        except ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def _get_promptly(refs: list[ray.ObjectRef]) -> list[Any]:
+    """ray.get of each ref as it completes, so a failed call raises at once even while others
+    still wait (e.g. on the S-Server, for the client that died)."""
+    out: dict[ray.ObjectRef, Any] = {}
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        out[ready[0]] = ray.get(ready[0])
+    return [out[r] for r in refs]

@@ -1,0 +1,424 @@
+"""The S-Server as one asyncio Ray actor (SPEC §7).
+
+Every request — an upload, a gradient exchange, an alignment job, a client's "round done"
+marker and the F-Server's control calls — goes into one `asyncio.Queue`, drained by one worker
+coroutine, the only code that touches the server role. Requests carry (epoch, client id,
+sequence number): Ray does not keep the order of calls to an async actor, and a restarted round
+must not see stale requests.
+
+Batching policies:
+  * ``exact``: requests one at a time, all of the lowest-id client still running before any
+    other client's, each client's in its own order — the order of the in-process runtime, so
+    metrics are identical to it.
+  * ``coalesce``: up to `max_batch` ready requests of the same kind that arrive within
+    `max_wait_ms` are concatenated into one forward/backward and ONE optimizer step; each client
+    gets back the gradient of its own mean loss, all at the pre-step weights. A documented
+    semantic change: fewer, larger server steps (measured in bench/server_batching.py). Only the
+    shared-model handlers are coalesced (SharedServer exchanges, UploadServer/AligningServer
+    uploads); everything else still runs one request at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from actors.common import (
+    DataBundle,
+    assigned_resources,
+    cap_cuda_memory,
+    dumps,
+    loads,
+    pack,
+    unpack,
+)
+from fslsage.algorithms.base import IGNORE_INDEX, Algorithm, Server, State, loss_fn
+from fslsage.algorithms.cse_fsl import UploadServer
+from fslsage.algorithms.fsl_sage import AligningServer, true_cut_gradient
+from fslsage.algorithms.splitfed_v2 import SharedServer
+from fslsage.experiment import evaluate, resolve_device
+
+log = logging.getLogger(__name__)
+
+CLIENT_KINDS = ("upload", "exchange", "align", "done")
+ANSWERED = ("exchange", "align")  # the client waits for these; uploads are fire-and-forget
+BATCHING = ("exact", "coalesce")
+
+
+class RoundAborted(RuntimeError):
+    """The request belongs to a round attempt the F-Server has abandoned (recovery)."""
+
+
+@dataclass
+class Request:
+    kind: str
+    cid: int = -1
+    seq: int = -1
+    epoch: int = -1
+    args: tuple = ()
+    future: asyncio.Future | None = None
+    arrival: int = 0
+
+
+# ----------------------------------------------------------------------------- coalesced maths
+def coalesced_step(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, zs: list[Tensor], ys: list[Tensor]
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """One optimizer step on the concatenated requests. The step's loss is the mean over all
+    their samples (exactly `server_step` on `torch.cat`); request i gets ∂(its own mean loss)/∂z_i
+    — the shared gradient's slice rescaled by total/own sample count — and its own mean loss.
+    Returns (step loss, per-request gradients, per-request losses)."""
+    sizes = [len(z) for z in zs]
+    z = torch.cat(zs).detach().requires_grad_(True)
+    y = torch.cat(ys)
+    per_sample = loss_fn(model(z), y, reduction="none").view(len(y), -1).sum(1)
+    counts = [(yi != IGNORE_INDEX).sum() for yi in ys]  # labelled targets, as loss_fn's mean
+    total = torch.stack(counts).sum().clamp(min=1)
+    loss = per_sample.sum() / total
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    own = [c.clamp(min=1) for c in counts]
+    grads = [g * (total / c) for g, c in zip(z.grad.split(sizes), own, strict=True)]
+    losses = [p.sum() / c for p, c in zip(per_sample.detach().split(sizes), own, strict=True)]
+    return loss.detach(), grads, losses
+
+
+def _exchange_batch(server: Server, reqs: list[Request]) -> list[Any]:
+    _, grads, losses = coalesced_step(server.model, server.opt, *_zy(reqs))
+    return list(zip(grads, losses, strict=True))
+
+
+def _upload_batch(server: Server, reqs: list[Request]) -> list[Any]:
+    if isinstance(server, AligningServer):  # the buffering half of AligningServer.on_upload
+        for r in reqs:
+            z, y = r.args
+            eager = server.cfg.align_targets == "eager"
+            extra = (true_cut_gradient(server.model, z, y),) if eager else ()
+            server.buffers[r.cid].append(z, y, *extra)
+    loss, _, _ = coalesced_step(server.model, server.opt, *_zy(reqs))
+    server.log("server_loss", loss)
+    return [None] * len(reqs)
+
+
+def _zy(reqs: list[Request]) -> tuple[list[Tensor], list[Tensor]]:
+    return [r.args[0] for r in reqs], [r.args[1] for r in reqs]
+
+
+def coalescer(server: Server | None, kind: str) -> Callable[[Server, list[Request]], list] | None:
+    """The batched handler for requests of `kind`, where the server's handler is one we know to
+    be a single step of one shared model (subclasses that override it are never coalesced)."""
+    if server is None:
+        return None
+    cls = type(server)
+    if kind == "exchange" and cls.on_exchange is SharedServer.on_exchange:
+        return _exchange_batch
+    if kind == "upload" and cls.on_upload in (UploadServer.on_upload, AligningServer.on_upload):
+        return _upload_batch
+    return None
+
+
+# ----------------------------------------------------------------------------- the actor
+class SServer:
+    """Wraps the algorithm's S-Server role (`algo.new_server`); also evaluates the global model,
+    since it holds the server half of it."""
+
+    def __init__(
+        self,
+        algo: Algorithm,
+        data: DataBundle,
+        batching: str = "exact",
+        max_batch: int = 8,
+        max_wait_ms: float = 5.0,
+        gpu_fraction: float = 0.0,
+        threads: int = 1,
+    ):
+        if batching not in BATCHING:
+            raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
+        torch.set_num_threads(threads)
+        self.algo, self.cfg = algo, algo.cfg
+        self.device = resolve_device(self.cfg)
+        cap_cuda_memory(self.device, gpu_fraction)
+        self.server = algo.new_server(self.device)
+        self.info = data.info
+        self.test_x, self.test_y = data.test_set()
+        self.batching, self.max_batch, self.max_wait = batching, max_batch, max_wait_ms / 1000
+        self.queue: asyncio.Queue[Request] | None = None
+        self.worker: asyncio.Task | None = None
+        self.getter: asyncio.Task | None = None
+        self.arrivals = itertools.count()
+        self.batch_sizes: Counter[int] = Counter()
+        self._reset_round(epoch=-1)
+
+    # -- the actor's methods -------------------------------------------------------------------
+    async def submit(self, epoch: int, cid: int, seq: int, kind: str, *args: Any) -> Any:
+        """A client request; answers exchange/align, returns at once for upload/done."""
+        if kind not in CLIENT_KINDS:
+            raise ValueError(f"unknown request kind {kind!r}")
+        req = Request(kind, cid, seq, epoch, args)
+        if kind in ANSWERED:
+            return await self._ask(req)
+        self._put(req)
+        return None
+
+    async def begin_round(self, t: int, epoch: int, cids: list[int]) -> None:
+        """Opens round attempt `epoch`; `cids` is the order `exact` serves clients in."""
+        await self._ask(Request("begin", args=(t, epoch, list(cids))))
+
+    async def end_round(self, t: int) -> dict[str, float]:
+        """Answers once every client of the round is done: the round's server metrics."""
+        return await self._ask(Request("end", args=(t,)))
+
+    async def evaluate(self, weights: dict[str, State]) -> tuple[float, float]:
+        return await self._ask(Request("evaluate", args=(weights,)))
+
+    async def state(self) -> bytes:
+        return await self._ask(Request("state"))
+
+    async def load_state(self, blob: bytes) -> None:
+        """Restores a checkpoint; aborts the open round (its waiting clients get RoundAborted)."""
+        await self._ask(Request("load", args=(blob,)))
+
+    async def stats(self) -> dict[str, Any]:
+        """How many batches of each size were processed (the batching benchmark and tests)."""
+        return await self._ask(Request("stats"))
+
+    async def where(self) -> dict[str, Any]:
+        return assigned_resources()
+
+    # -- queue plumbing ------------------------------------------------------------------------
+    def _put(self, req: Request) -> None:
+        if self.worker is None:  # the event loop exists only once the first call arrives
+            self.queue = asyncio.Queue()
+            self.worker = asyncio.get_running_loop().create_task(self._work())
+        req.arrival = next(self.arrivals)
+        self.queue.put_nowait(req)
+
+    async def _ask(self, req: Request) -> Any:
+        req.future = asyncio.get_running_loop().create_future()
+        self._put(req)
+        return await req.future
+
+    async def _next(self, timeout: float | None = None) -> Request | None:
+        """The next queued request, or None after `timeout` seconds. The pending `get` survives a
+        timeout (cancelling a Queue.get can lose an item)."""
+        assert self.queue is not None
+        if self.getter is None:
+            self.getter = asyncio.ensure_future(self.queue.get())
+        done, _ = await asyncio.wait({self.getter}, timeout=timeout)
+        if not done:
+            return None
+        req, self.getter = self.getter.result(), None
+        return req
+
+    async def _compute(self, fn: Callable, *args: Any) -> Any:
+        """The maths, on the event loop's thread: handing each request to a compute thread and
+        back cost ~15% of exact throughput here. Requests arriving meanwhile wait in Ray's
+        queue and are filed as soon as the step ends, so coalescing still sees them."""
+        return fn(*args)
+
+    async def _work(self) -> None:
+        while True:
+            try:
+                await self._accept(await self._next())
+                while batch := await self._gather():
+                    await self._process(batch)
+                await self._maybe_end_round()
+            except Exception as e:  # a bug here must not leave every caller waiting forever
+                log.exception("S-Server worker")
+                self._abort(f"S-Server worker failed: {e!r}")
+
+    # -- round state ---------------------------------------------------------------------------
+    def _reset_round(self, epoch: int, cids: list[int] | None = None) -> None:
+        self.epoch, self.order = epoch, cids or []
+        self.pos = 0  # exact: index in `order` of the client being served
+        self.pending: dict[int, dict[int, Request]] = {c: {} for c in self.order}
+        self.next_seq = dict.fromkeys(self.order, 0)
+        self.done: set[int] = set()
+        self.end_req: Request | None = None
+        self.errors: list[BaseException] = []
+
+    def _abort(self, reason: str) -> None:
+        """Fails everything the open round still holds."""
+        waiting = [r for per in self.pending.values() for r in per.values()]
+        if self.end_req is not None:
+            waiting.append(self.end_req)
+        for r in waiting:
+            _fail(r, RoundAborted(reason))
+
+    def _head(self, cid: int) -> Request | None:
+        """Client cid's next request if it has arrived; a "done" marker is consumed here."""
+        req = self.pending[cid].get(self.next_seq[cid])
+        if req is not None and req.kind == "done":
+            self._consume(req)
+            self.done.add(cid)
+            return None
+        return req
+
+    def _consume(self, req: Request) -> None:
+        del self.pending[req.cid][req.seq]
+        self.next_seq[req.cid] += 1
+
+    def _pop(self, kind: str | None) -> Request | None:
+        """The next request to serve (of `kind`, if given), or None if it has not arrived."""
+        if self.batching == "exact":
+            while self.pos < len(self.order):
+                cid = self.order[self.pos]
+                req = self._head(cid)
+                if cid in self.done:
+                    self.pos += 1
+                    continue
+                if req is None or (kind is not None and req.kind != kind):
+                    return None
+                self._consume(req)
+                return req
+            return None
+        best = None  # coalesce: the earliest-arrived request that is next for its client
+        for cid in self.order:
+            req = self._head(cid)
+            if req is None or (kind is not None and req.kind != kind):
+                continue
+            if best is None or req.arrival < best.arrival:
+                best = req
+        if best is not None:
+            self._consume(best)
+        return best
+
+    def _nobody_else(self, batch: list[Request]) -> bool:
+        """Every client still running is blocked on a request in `batch`: waiting is pointless."""
+        blocked = {r.cid for r in batch if r.kind in ANSWERED}
+        return all(cid in self.done or cid in blocked for cid in self.order)
+
+    # -- the worker's steps --------------------------------------------------------------------
+    async def _accept(self, req: Request) -> None:
+        if req.kind in CLIENT_KINDS:
+            if req.epoch != self.epoch or req.cid not in self.pending:
+                _fail(req, RoundAborted(f"request of round attempt {req.epoch}"))
+            else:
+                self.pending[req.cid][req.seq] = req
+            return
+        if req.kind == "end":
+            self.end_req = req  # answered by _maybe_end_round
+            return
+        try:
+            result = await self._control(req)
+        except Exception as e:  # noqa: BLE001 - handed to the caller
+            _fail(req, e)
+        else:
+            _answer(req, result)
+
+    async def _control(self, req: Request) -> Any:
+        if req.kind == "begin":
+            _, epoch, cids = req.args
+            self._abort(f"round attempt {epoch} began")
+            self._reset_round(epoch, cids)
+            return None
+        if req.kind == "evaluate":
+            return await self._compute(self._evaluate, *req.args)
+        if req.kind == "state":
+            return await self._compute(dumps, self.server)
+        if req.kind == "load":
+            self._abort("state restored from a checkpoint")
+            self._reset_round(epoch=-1)
+            self.server = await self._compute(loads, req.args[0], self.device)
+            return None
+        if req.kind == "stats":
+            return {"batch_sizes": dict(self.batch_sizes)}
+        raise ValueError(f"unknown request kind {req.kind!r}")
+
+    async def _gather(self) -> list[Request]:
+        """The next batch: one request (`exact`, or one that cannot be coalesced), else the
+        ready requests of the same kind arriving within max_wait, at most max_batch."""
+        first = self._pop(None)
+        if first is None:
+            return []
+        batch = [first]
+        if self.batching == "exact" or coalescer(self.server, first.kind) is None:
+            return batch
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait
+        while len(batch) < self.max_batch:
+            nxt = self._pop(first.kind)
+            if nxt is not None:
+                batch.append(nxt)
+                continue
+            remaining = deadline - loop.time()
+            if remaining <= 0 or self._nobody_else(batch):
+                break
+            req = await self._next(remaining)
+            if req is None:
+                break
+            await self._accept(req)
+        return batch
+
+    async def _process(self, batch: list[Request]) -> None:
+        live = [r for r in batch if r.epoch == self.epoch]
+        for r in batch:
+            if r.epoch != self.epoch:  # a checkpoint was restored while the batch formed
+                _fail(r, RoundAborted(f"request of round attempt {r.epoch}"))
+        if not live:
+            return
+        fn = coalescer(self.server, live[0].kind) if len(live) > 1 else None
+        try:
+            if fn is not None:
+                results = await self._compute(self._run_batch, fn, live)
+            else:
+                results = [await self._compute(self._run_one, live[0])]
+        except Exception as e:  # noqa: BLE001 - handed to the clients / the round's end
+            for r in live:
+                if r.future is None:
+                    self.errors.append(e)
+                _fail(r, e)
+            return
+        self.batch_sizes[len(live)] += 1
+        for r, result in zip(live, results, strict=True):
+            _answer(r, result)
+
+    async def _maybe_end_round(self) -> None:
+        if self.end_req is None or not all(cid in self.done for cid in self.order):
+            return
+        req, self.end_req = self.end_req, None
+        if self.errors:
+            _fail(req, self.errors[0])
+            return
+        try:
+            t = req.args[0]
+            metrics = await self._compute(self.server.end_round, t) if self.server else {}
+        except Exception as e:  # noqa: BLE001
+            _fail(req, e)
+        else:
+            _answer(req, metrics)
+
+    # -- on the compute thread -----------------------------------------------------------------
+    def _run_one(self, req: Request) -> Any:
+        handler = getattr(self.server, f"on_{req.kind}")
+        return pack(handler(req.cid, *unpack(req.args, self.device)))
+
+    def _run_batch(self, fn: Callable, reqs: list[Request]) -> list[Any]:
+        for r in reqs:
+            r.args = unpack(r.args, self.device)
+        return pack(fn(self.server, reqs))
+
+    def _evaluate(self, weights: dict[str, State]) -> tuple[float, float]:
+        server_model = self.server.eval_model() if self.server is not None else None
+        model = self.algo.eval_module(weights, server_model, self.device)
+        return evaluate(model, self.test_x, self.test_y, self.info, self.cfg.eval_batch_size,
+                        self.device)  # fmt: skip
+
+
+def _answer(req: Request, result: Any) -> None:
+    if req.future is not None and not req.future.done():
+        req.future.set_result(result)
+
+
+def _fail(req: Request, error: BaseException) -> None:
+    if req.future is not None and not req.future.done():
+        req.future.set_exception(error)

@@ -1,0 +1,249 @@
+"""The Ray runtime (actors/): parity with the in-process runtime, the S-Server's batching
+policies, GPU and node placement, and recovery from a dead client actor."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from helpers import ROOT, demo_config
+
+from actors.client_pool import owned_clients
+from actors.common import DataBundle, loads, pack, unpack
+from actors.runtime import RayRuntime, RemoteSServer
+from fslsage.algorithms.base import cut_gradient, loss_fn, server_step
+from fslsage.experiment import LocalRuntime, prepare, run_experiment
+
+METRICS = ["test_acc", "test_loss", "comm_gib"]
+
+
+@contextmanager
+def one_thread():
+    """The reference runs with one intra-op thread like each actor, so results are bit-equal."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run_local(cfg, out: Path) -> pd.DataFrame:
+    with one_thread():
+        run_experiment(cfg, LocalRuntime(prepare(cfg)), out_dir=out, progress=None)
+    return pd.read_parquet(out / "metrics.parquet")
+
+
+def run_ray(cfg, out: Path, before=None) -> tuple[pd.DataFrame, dict]:
+    runtime = RayRuntime(prepare(cfg))
+    try:
+        info = before(runtime) if before is not None else {}
+        run_experiment(cfg, runtime, out_dir=out, progress=None)
+    finally:
+        runtime.close()
+    return pd.read_parquet(out / "metrics.parquet"), info
+
+
+def assert_same_metrics(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    assert a["round"].tolist() == b["round"].tolist()
+    for col in METRICS:
+        assert (a[col] - b[col]).abs().max() <= 1e-6, (col, a[col].tolist(), b[col].tolist())
+
+
+# ----------------------------------------------------------------------------- runtime parity
+@pytest.mark.parametrize("algorithm", ["fsl_sage", "splitfed_v2"])
+def test_exact_batching_reproduces_the_local_runtime(ray_session, tmp_path, algorithm):
+    cfg = demo_config(algorithm=algorithm, rounds=2, server_batching="exact")
+    local = run_local(cfg, tmp_path / "local")
+    ray_df, _ = run_ray(cfg, tmp_path / "ray")
+    assert_same_metrics(local, ray_df)
+
+
+def test_killed_client_actor_restarts_from_the_checkpoint(ray_session, tmp_path):
+    cfg = demo_config(algorithm="splitfed_v2", rounds=3, checkpoint_every=2)
+    ray = ray_session
+
+    def crash_in_round_2(runtime: RayRuntime) -> dict:
+        actor = runtime.client_actors[0]
+        cid = runtime.owned[0][1]  # the actor's second client: it dies mid-round
+        ray.get(actor.arm_crash.remote(2, cid))
+        return {"actor": actor, "pid": ray.get(actor.where.remote())["pid"]}
+
+    runtime = RayRuntime(prepare(cfg))
+    try:
+        before = crash_in_round_2(runtime)
+        run_experiment(cfg, runtime, out_dir=tmp_path / "ray", progress=None)
+        after = ray.get(before["actor"].where.remote())["pid"]
+    finally:
+        runtime.close()
+    assert after != before["pid"]  # Ray restarted the actor in a new process
+    ray_df = pd.read_parquet(tmp_path / "ray" / "metrics.parquet")
+    assert ray_df["round"].tolist() == [1, 2, 3]
+    # restored from round 0's checkpoint and round 1 re-run: nothing lost, nothing doubled
+    assert_same_metrics(run_local(cfg, tmp_path / "local"), ray_df)
+
+
+def test_100_virtual_clients_run_on_4_actors(ray_session, tmp_path):
+    owned = owned_clients(100, 4)
+    assert all(c % 4 == a for a, cids in enumerate(owned) for c in cids)
+    assert sorted(c for cids in owned for c in cids) == list(range(100))
+    cfg = demo_config(num_clients=100, num_client_actors=4, client_cpus=0.5, rounds=1)
+    ray_df, owned = run_ray(cfg, tmp_path / "ray", before=lambda runtime: runtime.owned)
+    assert [len(cids) for cids in owned] == [25] * 4
+    assert_same_metrics(run_local(cfg, tmp_path / "local"), ray_df)
+
+
+# ----------------------------------------------------------------------------- the S-Server
+def start_server(algorithm: str, batching: str, **overrides):
+    cfg = demo_config(algorithm=algorithm, server_batching=batching, **overrides)
+    prepared = prepare(cfg)
+    server = RemoteSServer.options(num_cpus=0).remote(
+        prepared.algorithm, DataBundle.of(prepared), batching, cfg.max_batch, cfg.max_wait_ms
+    )
+    return prepared, server
+
+
+def smashed(prepared, cid: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A real (z, y) request: client `cid`'s first batch through the initial client model."""
+    shard = prepared.shard(cid, torch.device("cpu"))
+    x, y = next(shard.batches(batch_size, 1, torch.Generator().manual_seed(cid)))
+    with torch.no_grad():
+        return prepared.algorithm.split.client(x), y
+
+
+def test_exact_serves_clients_in_id_order(ray_session):
+    ray = ray_session
+    prepared, server = start_server("splitfed_v2", "exact")
+    requests = {cid: [smashed(prepared, cid, 16), smashed(prepared, cid + 2, 8)] for cid in (0, 1)}
+    try:
+        ray.get(server.begin_round.remote(1, 1, [0, 1]))
+        # client 1 asks first, but exact mode serves client 0's whole round before it
+        late = server.submit.remote(1, 1, 0, "exchange", *requests[1][0])
+        early = [server.submit.remote(1, 0, k, "exchange", *requests[0][k]) for k in (1, 0)]
+        ray.get(early)
+        assert ray.wait([late], timeout=0.5)[0] == []  # client 0 has not said it is done
+        server.submit.remote(1, 0, 2, "done")
+        rest = [ray.get(late), ray.get(server.submit.remote(1, 1, 1, "exchange", *requests[1][1]))]
+        server.submit.remote(1, 1, 2, "done")
+        ray.get(server.end_round.remote(1))
+        answers = unpack([*ray.get(early)[::-1], *rest], "cpu")
+        stats = ray.get(server.stats.remote())
+    finally:
+        ray.kill(server)
+    reference = prepared.algorithm.new_server(torch.device("cpu"))
+    with one_thread():
+        expected = [reference.on_exchange(cid, *req) for cid in (0, 1) for req in requests[cid]]
+    for (grad, loss), (ref_grad, ref_loss) in zip(answers, expected, strict=True):
+        assert torch.equal(grad, ref_grad) and torch.equal(loss, ref_loss)
+    assert stats["batch_sizes"] == {1: 4}
+
+
+def test_coalesce_batches_concurrent_clients_and_splits_gradients(ray_session):
+    ray = ray_session
+    n = 8
+    prepared, server = start_server("splitfed_v2", "coalesce", max_batch=n, max_wait_ms=2000.0)
+    requests = [smashed(prepared, cid, 4 + 2 * cid) for cid in range(n)]  # unequal sizes
+    try:
+        ray.get(server.begin_round.remote(1, 1, list(range(n))))
+        answers = unpack(
+            ray.get(
+                [
+                    server.submit.remote(1, c, 0, "exchange", *pack(r))
+                    for c, r in enumerate(requests)
+                ]
+            ),
+            "cpu",
+        )
+        for cid in range(n):
+            server.submit.remote(1, cid, 1, "done")
+        ray.get(server.end_round.remote(1))
+        stats = ray.get(server.stats.remote())
+        stepped = loads(ray.get(server.state.remote()), torch.device("cpu"))
+    finally:
+        ray.kill(server)
+    assert stats["batch_sizes"] == {n: 1}  # all of them well within max_wait: one batch
+    # each client gets ∂(its own mean loss)/∂z at the weights before the shared step
+    before = prepared.algorithm.new_server(torch.device("cpu"))
+    for (grad, loss), (z, y) in zip(answers, requests, strict=True):
+        torch.testing.assert_close(grad, cut_gradient(before.model, z, y), atol=1e-7, rtol=1e-4)
+        torch.testing.assert_close(loss, loss_fn(before.model(z), y).detach())
+    # and the server took ONE optimizer step, on the concatenation
+    reference = copy.deepcopy(before)
+    z, y = torch.cat([r[0] for r in requests]), torch.cat([r[1] for r in requests])
+    server_step(reference.model, reference.opt, z, y)
+    for key, value in reference.model.state_dict().items():
+        torch.testing.assert_close(stepped.model.state_dict()[key], value)
+
+
+# ----------------------------------------------------------------------------- placement
+def run_script(code: str, timeout: float = 150.0) -> dict:
+    """A Ray instance of its own (logical GPUs, several nodes) in a child process; returns the
+    JSON object the script prints last."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT)])}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+GPU_SCRIPT = """
+import json, ray
+from helpers import demo_config
+from fslsage.experiment import prepare
+from actors.runtime import RayRuntime
+ray.init(address="local", num_cpus=2, num_gpus=3, include_dashboard=False, log_to_driver=False)
+cfg = demo_config(client_gpus=0.25, client_cpus=0.25, server_gpus=1.0)
+runtime = RayRuntime(prepare(cfg))
+placement = runtime.placement()
+print(json.dumps({"placement": placement, "available": ray.available_resources()}))
+runtime.close()
+ray.shutdown()
+"""
+
+
+def test_logical_gpus_place_fractional_clients_and_a_whole_gpu_server():
+    # 8 clients x 0.25 GPU + the S-Server's whole GPU need 3 GPUs (2 would leave the server
+    # unplaced); the default actor count is what the CPUs and GPUs hold: 8.
+    out = run_script(GPU_SCRIPT)
+    clients = out["placement"]["clients"]
+    assert len(clients) == 8
+    assert all(c["resources"] == {"CPU": 0.25, "GPU": 0.25} for c in clients)
+    assert out["placement"]["server"]["resources"].get("GPU") == 1.0
+    assert out["available"].get("GPU", 0.0) == pytest.approx(0.0, abs=1e-6)
+
+
+CLUSTER_SCRIPT = """
+import json, ray
+from ray.cluster_utils import Cluster
+from helpers import demo_config
+from fslsage.experiment import prepare, run_experiment
+from actors.runtime import RayRuntime
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+gpu_node = cluster.add_node(num_cpus=0, resources={"accelerator_type:T4": 1})
+ray.init(address=cluster.address, log_to_driver=False)
+cfg = demo_config(server_accelerator="T4", num_clients=4, rounds=1)
+runtime = RayRuntime(prepare(cfg))
+placement = runtime.placement()
+df = run_experiment(cfg, runtime, progress=None)
+runtime.close()
+print(json.dumps({"placement": placement, "server_node": gpu_node.node_id,
+                  "head_node": cluster.head_node.node_id, "rounds": len(df)}))
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+def test_two_node_cluster_puts_the_s_server_on_the_accelerator_node():
+    out = run_script(CLUSTER_SCRIPT)
+    assert out["placement"]["server"]["node_id"] == out["server_node"]
+    assert {c["node_id"] for c in out["placement"]["clients"]} == {out["head_node"]}
+    assert out["rounds"] == 1

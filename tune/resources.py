@@ -1,0 +1,69 @@
+"""What one trial reserves: a Tune PlacementGroupFactory sized from the trial's own config.
+
+`runtime: local` runs the whole experiment in the trial process: one bundle {CPU: 1} (plus
+`server_gpus` GPUs if asked). `runtime: ray` reserves what the actors it starts will ask for:
+an empty head bundle for the trial (the F-Server loop only waits on actors), one bundle for the
+S-Server {CPU: 1, GPU: server_gpus} and one per client actor {CPU: client_cpus, GPU:
+client_gpus}. Tune captures the actors into the trial's placement group, so concurrent trials
+never oversubscribe the cluster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from fslsage.config import Config
+
+EPS = 1e-9
+
+
+def _nonzero(bundle: dict[str, float]) -> dict[str, float]:
+    return {k: float(v) for k, v in bundle.items() if v}
+
+
+def client_actor_count(cfg: Config, cluster: dict[str, float]) -> int:
+    """`num_client_actors`, or as many as fit the cluster next to the S-Server bundle (one per
+    CPU by default), never more than there are clients. The trial pins the result into its
+    config so the actors it starts match the bundles reserved for them."""
+    n = cfg.num_client_actors
+    if n == 0:
+        n = int((cluster.get("CPU", 1.0) - 1.0 + EPS) // cfg.client_cpus)
+        if cfg.client_gpus > 0:
+            free = cluster.get("GPU", 0.0) - cfg.server_gpus
+            n = min(n, int((free + EPS) // cfg.client_gpus))
+    return max(1, min(n, cfg.num_clients))
+
+
+def trial_bundles(cfg: Config, cluster: dict[str, float]) -> list[dict[str, float]]:
+    """Placement-group bundles of one trial; the first is the trial process's own."""
+    if cfg.runtime == "local":
+        return [_nonzero({"CPU": 1.0, "GPU": cfg.server_gpus})]
+    server = {"CPU": 1.0, "GPU": cfg.server_gpus}
+    if cfg.server_accelerator:
+        server[f"accelerator_type:{cfg.server_accelerator}"] = 0.001
+    client = _nonzero({"CPU": cfg.client_cpus, "GPU": cfg.client_gpus})
+    n = client_actor_count(cfg, cluster)
+    return [{}, _nonzero(server)] + [dict(client) for _ in range(n)]
+
+
+def pin_client_actors(cfg: Config, cluster: dict[str, float]) -> Config:
+    """The trial's config with `num_client_actors` fixed to what its bundles hold."""
+    if cfg.runtime != "ray" or cfg.num_client_actors:
+        return cfg
+    return cfg.replace(num_client_actors=client_actor_count(cfg, cluster))
+
+
+def resources_for(
+    base: dict[str, Any], cluster: dict[str, float]
+) -> Callable[[dict[str, Any]], Any]:
+    """Tune's per-trial resource callback: searched values can change runtime, GPUs or clients."""
+    from ray import tune
+
+    from tune.space import trial_config
+
+    def resources(params: dict[str, Any]) -> Any:
+        cfg = trial_config(base, params)
+        return tune.PlacementGroupFactory(trial_bundles(cfg, cluster), strategy="PACK")
+
+    return resources
