@@ -83,8 +83,17 @@ def prepare(cfg: Config) -> Prepared:
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, info: DatasetInfo,
              batch_size: int, device: torch.device) -> tuple[float, float]:  # fmt: skip
-    """Test loss and accuracy (token accuracy for language models, ignoring padding)."""
+    """Test loss and accuracy (token accuracy for language models, ignoring padding). The model
+    goes back to the mode it was in: the server model keeps training after evaluation."""
+    was_training = model.training
     model.eval()
+    try:
+        return _evaluate(model, x, y, info, batch_size, device)
+    finally:
+        model.train(was_training)
+
+
+def _evaluate(model, x, y, info, batch_size, device) -> tuple[float, float]:
     total_loss, correct, count = 0.0, 0, 0
     for start in range(0, len(x), batch_size):
         xb = prepare_inputs(x[start : start + batch_size].to(device), info)

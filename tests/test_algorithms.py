@@ -193,3 +193,13 @@ def test_same_seed_same_metrics_different_seed_different():
     a, b, c = final(0), final(0), final(1)
     assert a.test_loss.tolist() == b.test_loss.tolist()
     assert a.test_loss.tolist() != c.test_loss.tolist()
+
+
+def test_evaluation_leaves_the_server_model_training():
+    """Evaluation switches to eval mode; the server must be back in train mode for its steps
+    (BatchNorm in the ResNet server would otherwise step with frozen running statistics)."""
+    cfg = demo_config(algorithm="splitfed_v2", rounds=1)
+    runtime = LocalRuntime(prepare(cfg))
+    runtime.run_round(1)
+    runtime.evaluate()
+    assert all(m.training for m in runtime.server.model.modules())
