@@ -77,14 +77,14 @@ def connect(address: str | None = None) -> bool:
     return True
 
 
-def client_actor_count(cfg: Config, resources: dict[str, float]) -> int:
-    """`num_client_actors`, or as many as the cluster's CPUs (and GPUs, after the S-Server's)
-    hold: one per core by default. Never more than there are clients. (A Tune trial pins
-    `num_client_actors` to its placement group, see tune/resources.py.)"""
+def client_actor_count(cfg: Config, resources: dict[str, float], reserved_cpus: float = 0.0) -> int:
+    """`num_client_actors`, or as many as the CPUs left after `reserved_cpus` (and the GPUs left
+    after the S-Server's) hold: one per core by default. Never more than there are clients. (A
+    Tune trial reserves the S-Server's CPU and pins the result, see tune/resources.py.)"""
     n = cfg.num_client_actors
     if n == 0:
         eps = 1e-9
-        n = int((resources.get("CPU", 1.0) + eps) // cfg.client_cpus)
+        n = int((resources.get("CPU", 1.0) - reserved_cpus + eps) // cfg.client_cpus)
         if cfg.client_gpus > 0:
             free = resources.get("GPU", 0.0) - cfg.server_gpus
             n = min(n, int((free + eps) // cfg.client_gpus))

@@ -13,9 +13,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from actors import runtime as actors_runtime
 from fslsage.config import Config
-
-EPS = 1e-9
 
 
 def _nonzero(bundle: dict[str, float]) -> dict[str, float]:
@@ -23,16 +22,9 @@ def _nonzero(bundle: dict[str, float]) -> dict[str, float]:
 
 
 def client_actor_count(cfg: Config, cluster: dict[str, float]) -> int:
-    """`num_client_actors`, or as many as fit the cluster next to the S-Server bundle (one per
-    CPU by default), never more than there are clients. The trial pins the result into its
-    config so the actors it starts match the bundles reserved for them."""
-    n = cfg.num_client_actors
-    if n == 0:
-        n = int((cluster.get("CPU", 1.0) - 1.0 + EPS) // cfg.client_cpus)
-        if cfg.client_gpus > 0:
-            free = cluster.get("GPU", 0.0) - cfg.server_gpus
-            n = min(n, int((free + EPS) // cfg.client_gpus))
-    return max(1, min(n, cfg.num_clients))
+    """Client actors that fit the cluster next to the S-Server bundle (one CPU). The trial pins
+    the result into its config so the actors it starts match the bundles reserved for them."""
+    return actors_runtime.client_actor_count(cfg, cluster, reserved_cpus=1.0)
 
 
 def trial_bundles(cfg: Config, cluster: dict[str, float]) -> list[dict[str, float]]:
