@@ -56,6 +56,7 @@ class ClientActor:
             cid: algo.new_client(cid, len(shard), self.device) for cid, shard in self.shards.items()
         }
         self.crash_at: tuple[int, int] | None = None
+        self.held_done: list[tuple[int, int]] = []  # (cid, seq) of "done" markers not sent yet
 
     def run_round(
         self, t: int, epoch: int, weights: dict[str, State], cids: list[int]
@@ -76,25 +77,38 @@ class ClientActor:
             states.append(_cpu(report.weights))
             report.weights = {}
             reports.append(report)
+        self._flush(epoch)
         return (reports, *states)
 
     def _link(self, epoch: int, cid: int) -> tuple[Send, Callable[[], None]]:
         """`send` for one client's round: numbered S-Server calls (Ray does not keep the order of
-        calls to an async actor); uploads go without waiting. `finish` says the round is done.
-        (Holding small uploads back to ride with the next call saves S-Server messages but
-        delays its work: no faster on the demo, so they go at once.)"""
+        calls to an async actor); uploads go without waiting. `finish` says the round is done:
+        the marker rides with this actor's next call (its next client's first request, at most
+        a forward pass later) or goes when the actor's round ends — one call fewer per client.
+        (Holding uploads back the same way delays the S-Server's work, and two activation
+        batches in one call outgrow Ray's inline messages: no faster, so they go at once.)"""
         seq = itertools.count()
 
         def send(method: str, cid_: int, *args: Any) -> Any:
-            ref = self.server.submit.remote(epoch, cid_, next(seq), method, *pack(args))
+            done, self.held_done = self.held_done, []
+            ref = self.server.submit.remote(epoch, cid_, next(seq), method, *pack(args),
+                                            done=done)  # fmt: skip
             if method == "upload":
                 return None
             return unpack(ray.get(ref), self.device)
 
         def finish() -> None:
-            self.server.submit.remote(epoch, cid, next(seq), "done")
+            self.held_done.append((cid, next(seq)))
 
         return send, finish
+
+    def _flush(self, epoch: int) -> None:
+        """Sends the "done" markers still held (the last client's, or of clients that sent
+        nothing)."""
+        if self.held_done:
+            (cid, seq), *rest = self.held_done[::-1]
+            self.server.submit.remote(epoch, cid, seq, "done", done=rest)
+            self.held_done = []
 
     def state(self) -> bytes:
         """Every owned client (modules, optimizer state, RNG) for a checkpoint."""

@@ -4,9 +4,12 @@ behind the same run_round / evaluate / close interface as `fslsage.experiment.Lo
 Per round the F-Server (this driver loop) opens the round on the S-Server, hands every client
 actor the global weights (one object, put once), gathers the small reports, and has a Ray task
 average the clients' weights straight from the object store, so weights never pass through the
-driver. Every `checkpoint_every` rounds it checkpoints the clients, the S-Server and the global
-weights in the object store; if an actor dies mid-round, Ray restarts it, every role is restored
-from the checkpoint and the rounds since are re-run (deterministic with `exact` batching).
+driver. A round's calls are all submitted at once and none waits on the driver: the S-Server
+files client requests that overtake the round's opening, and evaluates the new global model in
+its `end_round`, at the point the in-process runtime does. Every `checkpoint_every` rounds it
+checkpoints the clients, the S-Server and the global weights in the object store; if an actor
+dies mid-round, Ray restarts it, every role is restored from the checkpoint and the rounds since
+are re-run (deterministic with `exact` batching).
 """
 
 from __future__ import annotations
@@ -50,8 +53,9 @@ def aggregate(
     it runs): its worker starts — and imports torch, seconds on a small machine — while the
     clients train, instead of after them, and is never left idle long enough for Ray to reap.
     `weight_refs` are in client-id order, the order the in-process runtime averages in."""
-    reports = sorted((r for batch in ray.get(report_refs) for r in batch), key=lambda r: r.cid)
-    weights = ray.get(weight_refs)
+    fetched = ray.get([*report_refs, *weight_refs])  # one fetch: the round's end is waiting
+    batches, weights = fetched[: len(report_refs)], fetched[len(report_refs) :]
+    reports = sorted((r for batch in batches for r in batch), key=lambda r: r.cid)
     return algo.aggregate(
         [dataclasses.replace(r, weights=w) for r, w in zip(reports, weights, strict=True)]
     )
@@ -134,6 +138,7 @@ class RayRuntime:
         self.global_ref = ray.put(algo.initial_global())
         self.epoch = 0  # round attempts: requests of an abandoned attempt are rejected
         self.inflight: list[ray.ObjectRef] = []
+        self.evaluation: tuple[ray.ObjectRef, tuple[float, float]] | None = None
         self.checkpoint: Checkpoint | None = None
         if cfg.checkpoint_every:
             self._checkpoint(0)
@@ -172,6 +177,8 @@ class RayRuntime:
         return outcome
 
     def evaluate(self) -> tuple[float, float]:
+        if self.evaluation is not None and self.evaluation[0] == self.global_ref:
+            return self.evaluation[1]  # done by the S-Server as the round ended
         loss, acc = ray.get(self.server.evaluate.remote(self.global_ref))
         return loss, acc
 
@@ -185,7 +192,7 @@ class RayRuntime:
     def _round(self, t: int) -> RoundOutcome:
         self.epoch += 1
         cids = list(range(self.cfg.num_clients))
-        ray.get(self.server.begin_round.remote(t, self.epoch, cids))
+        self.server.begin_round.remote(t, self.epoch, cids)
         report_refs: list[ray.ObjectRef] = []
         weight_of: dict[int, ray.ObjectRef] = {}  # each client's weights, in the object store
         if self.algo.sequential:  # one client after another, the model handed on via the store
@@ -203,10 +210,12 @@ class RayRuntime:
                 report_refs.append(reports)
                 weight_of.update(zip(owned, weights, strict=True))
         new_global = aggregate.remote(self.algo_ref, report_refs, [weight_of[c] for c in cids])
+        end = self.server.end_round.remote(t, self.epoch, new_global)  # sent once aggregated
         self.inflight = [*report_refs, *weight_of.values(), new_global]
         reports = sorted((r for b in _get_promptly(report_refs) for r in b), key=lambda r: r.cid)
-        server_metrics = ray.get(self.server.end_round.remote(t))
+        server_metrics, evaluation = ray.get(end)
         self.global_ref, self.inflight = new_global, []
+        self.evaluation = (new_global, evaluation)
         return RoundOutcome.from_reports(reports, server_metrics)
 
     # -- checkpoints and recovery -----------------------------------------------------------------

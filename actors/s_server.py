@@ -4,7 +4,8 @@ Every request — an upload, a gradient exchange, an alignment job, a client's "
 marker and the F-Server's control calls — goes into one `asyncio.Queue`, drained by one worker
 coroutine, the only code that touches the server role. Requests carry (epoch, client id,
 sequence number): Ray does not keep the order of calls to an async actor, and a restarted round
-must not see stale requests.
+must not see stale requests. Requests of a round attempt that has not begun yet wait for its
+`begin_round`, so the F-Server never waits for that call to return.
 
 Batching policies:
   * ``exact``: requests one at a time, all of the lowest-id client still running before any
@@ -49,6 +50,7 @@ from fslsage.experiment import evaluate, resolve_device
 log = logging.getLogger(__name__)
 
 CLIENT_KINDS = ("upload", "exchange", "align", "done")
+ROUND_KINDS = (*CLIENT_KINDS, "end")  # requests that belong to one round attempt
 ANSWERED = ("exchange", "align")  # the client waits for these; uploads are fire-and-forget
 BATCHING = ("exact", "coalesce")
 
@@ -156,13 +158,21 @@ class SServer:
         self.getter: asyncio.Task | None = None
         self.arrivals = itertools.count()
         self.batch_sizes: Counter[int] = Counter()
+        self.early: list[Request] = []  # requests of a round attempt not begun yet
         self._reset_round(epoch=-1)
 
     # -- the actor's methods -------------------------------------------------------------------
-    async def submit(self, epoch: int, cid: int, seq: int, kind: str, *args: Any) -> Any:
-        """A client request; answers exchange/align, returns at once for upload/done."""
+    async def submit(
+        self, epoch: int, cid: int, seq: int, kind: str, *args: Any,
+        done: list[tuple[int, int]] = (),
+    ) -> Any:  # fmt: skip
+        """A client request; answers exchange/align, returns at once for upload/done. `done`:
+        (client id, sequence number) of "round done" markers riding along with it — a client
+        actor holds a finished client's marker until its next message, one call fewer."""
         if kind not in CLIENT_KINDS:
             raise ValueError(f"unknown request kind {kind!r}")
+        for done_cid, done_seq in done:
+            self._put(Request("done", done_cid, done_seq, epoch))
         req = Request(kind, cid, seq, epoch, args)
         if kind in ANSWERED:
             return await self._ask(req)
@@ -173,9 +183,13 @@ class SServer:
         """Opens round attempt `epoch`; `cids` is the order `exact` serves clients in."""
         await self._ask(Request("begin", args=(t, epoch, list(cids))))
 
-    async def end_round(self, t: int) -> dict[str, float]:
-        """Answers once every client of the round is done: the round's server metrics."""
-        return await self._ask(Request("end", args=(t,)))
+    async def end_round(
+        self, t: int, epoch: int, weights: dict[str, State] | None = None
+    ) -> tuple[dict[str, float], tuple[float, float] | None]:
+        """Answers once every client of round attempt `epoch` is done: the round's server
+        metrics and, given the new global weights, the global model's (test loss, accuracy) —
+        evaluated here, without another call, as the in-process runtime does after its round."""
+        return await self._ask(Request("end", epoch=epoch, args=(t, weights)))
 
     async def evaluate(self, weights: dict[str, State]) -> tuple[float, float]:
         return await self._ask(Request("evaluate", args=(weights,)))
@@ -299,14 +313,15 @@ class SServer:
 
     # -- the worker's steps --------------------------------------------------------------------
     async def _accept(self, req: Request) -> None:
-        if req.kind in CLIENT_KINDS:
-            if req.epoch != self.epoch or req.cid not in self.pending:
+        if req.kind in ROUND_KINDS:
+            if req.epoch > self.epoch:  # arrived before its begin_round: filed by that
+                self.early.append(req)
+            elif req.epoch < self.epoch or (req.kind != "end" and req.cid not in self.pending):
                 _fail(req, RoundAborted(f"request of round attempt {req.epoch}"))
+            elif req.kind == "end":
+                self.end_req = req  # answered by _maybe_end_round
             else:
                 self.pending[req.cid][req.seq] = req
-            return
-        if req.kind == "end":
-            self.end_req = req  # answered by _maybe_end_round
             return
         try:
             result = await self._control(req)
@@ -320,6 +335,9 @@ class SServer:
             _, epoch, cids = req.args
             self._abort(f"round attempt {epoch} began")
             self._reset_round(epoch, cids)
+            early, self.early = self.early, []
+            for r in early:  # this attempt's requests are filed, older ones fail, newer wait
+                await self._accept(r)
             return None
         if req.kind == "evaluate":
             return await self._compute(self._evaluate, *req.args)
@@ -327,6 +345,9 @@ class SServer:
             return await self._compute(dumps, self.server)
         if req.kind == "load":
             self._abort("state restored from a checkpoint")
+            early, self.early = self.early, []
+            for r in early:  # attempts the F-Server abandoned before they began here
+                _fail(r, RoundAborted("state restored from a checkpoint"))
             self._reset_round(epoch=-1)
             self.server = await self._compute(loads, req.args[0], self.device)
             return None
@@ -390,12 +411,13 @@ class SServer:
             _fail(req, self.errors[0])
             return
         try:
-            t = req.args[0]
+            t, weights = req.args
             metrics = await self._compute(self.server.end_round, t) if self.server else {}
+            evaluation = None if weights is None else await self._compute(self._evaluate, weights)
         except Exception as e:  # noqa: BLE001
             _fail(req, e)
         else:
-            _answer(req, metrics)
+            _answer(req, (metrics, evaluation))
 
     # -- on the compute thread -----------------------------------------------------------------
     def _run_one(self, req: Request) -> Any:

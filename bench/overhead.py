@@ -1,20 +1,24 @@
-"""Ray runtime overhead: fsl_sage on the demo config, once in-process (LocalRuntime) and once on
-Ray with one client actor per core, same rounds and same work (exact batching: same metrics).
+"""Ray runtime overhead: fsl_sage on the demo config in-process (LocalRuntime) and on Ray with
+one client actor per core, same rounds and same work (exact batching: same metrics).
 
-Prints samples per second of each (training samples of all clients per round, times rounds, over
-the wall time of the F-Server loop, evaluation included; Ray's start-up — actor processes, data
-into the object store — is reported apart) and, as its last line,
-`ray/local throughput ratio: X`. Runs alternate and the best of each counts, against background
-load; the local baseline is the faster of torch's default thread count and one thread (on a busy
-2-core machine two OpenMP threads slow it down many times over).
+The runtimes take their rounds in turn — round t on Ray, then round t in-process, then round
+t + 1 … — so the load of a shared host falls on both alike, and each pair of runs gives one
+paired ratio. A round is what the F-Server loop does per round: `run_round(t)` then
+`evaluate()`. Throughput is training samples of all clients per round, times rounds, over the
+summed round times; Ray's start-up (actor processes, data into the object store) is reported
+apart. The in-process runtime runs with torch's default thread count and with one thread (on a
+busy 2-core machine two OpenMP threads can slow it down many times over), each paired with its
+own Ray run; the last line is the median paired ratio against the faster of the two:
+`ray/local throughput ratio: X`.
 
-    .venv/bin/python bench/overhead.py [--rounds N] [--set key=value ...]
+    .venv/bin/python bench/overhead.py [--rounds N] [--repeats K] [--set key=value ...]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 
 import ray
@@ -22,65 +26,84 @@ import torch
 
 from actors.runtime import RayRuntime
 from fslsage.config import load_config
-from fslsage.experiment import LocalRuntime, prepare, run_experiment
+from fslsage.experiment import LocalRuntime, prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def timed_run(cfg, runtime) -> tuple[float, int]:
+def timed_round(runtime, t: int) -> float:
     start = time.perf_counter()
-    df = run_experiment(cfg, runtime, progress=None)
-    return time.perf_counter() - start, len(df)
+    runtime.run_round(t)
+    runtime.evaluate()
+    return time.perf_counter() - start
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--repeats", type=int, default=3, help="alternating runs; the best counts")
+    p.add_argument("--repeats", type=int, default=3, help="paired runs per local thread count")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     args = p.parse_args()
     cfg = load_config(os.path.join(ROOT, "configs", "demo.yaml"),
                       ["algorithm=fsl_sage", f"rounds={args.rounds}", *args.overrides])  # fmt: skip
-    prepared = prepare(cfg)
-    samples_per_round = sum(len(i) for i in prepared.client_indices) * cfg.local_epochs
+    samples = sum(len(i) for i in prepare(cfg).client_indices) * cfg.local_epochs * cfg.rounds
     cores = os.cpu_count() or 1
     ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
     default_threads = torch.get_num_threads()
-    local_s: dict[int, list[float]] = {default_threads: [], 1: []}
-    ray_s, startup_s = [], []
+    thread_counts = sorted({default_threads, 1}, reverse=True)
+    local_s: dict[int, list[float]] = {n: [] for n in thread_counts}
+    ray_s: dict[int, list[float]] = {n: [] for n in thread_counts}
+    startup_s: list[float] = []
     try:
-        for _ in range(args.repeats):  # alternating, so both see the same background load
-            for threads in (default_threads, 1):  # 2 OpenMP threads collapse on a busy machine
-                torch.set_num_threads(threads)
-                seconds, rounds = timed_run(cfg, LocalRuntime(prepare(cfg)))
-                local_s[threads].append(seconds)
-            torch.set_num_threads(default_threads)
-            start = time.perf_counter()
-            runtime = RayRuntime(prepare(cfg))  # returns once every actor is up
-            startup_s.append(time.perf_counter() - start)
-            try:
-                seconds, ray_rounds = timed_run(cfg, runtime)
-                ray_s.append(seconds)
-                batches = runtime.server_stats()["batch_sizes"]
-                actors = len(runtime.client_actors)
-            finally:
-                runtime.close()
-            assert ray_rounds == rounds
+        for _ in range(args.repeats):
+            for n in thread_counts:
+                local_seconds, ray_seconds, startup, batches, actors = paired_run(cfg, n)
+                local_s[n].append(local_seconds)
+                ray_s[n].append(ray_seconds)
+                startup_s.append(startup)
     finally:
+        torch.set_num_threads(default_threads)
         ray.shutdown()
-    local_tput = samples_per_round * rounds / min(min(v) for v in local_s.values())
-    ray_tput = samples_per_round * rounds / min(ray_s)
 
     def times(xs: list[float]) -> str:
         return " ".join(f"{x:.2f}" for x in xs)
 
+    # against the faster local variant: the median paired ratio of each, the lower counts
+    ratios = {n: [lo / ra for lo, ra in zip(local_s[n], ray_s[n], strict=True)] for n in local_s}
+    medians = {n: statistics.median(r) for n, r in ratios.items()}
+    all_ray = [x for xs in ray_s.values() for x in xs]
     print(f"machine: {cores} CPU cores; {cfg.algorithm} on {cfg.dataset}, {cfg.num_clients} "
-          f"clients, {rounds} rounds, server_batching={cfg.server_batching}")  # fmt: skip
-    runs = "; ".join(f"{n} threads: {times(v)}" for n, v in local_s.items())
-    print(f"local: {local_tput:9.0f} samples/s  (best of runs with {runs} s)")
-    print(f"ray:   {ray_tput:9.0f} samples/s  (runs: {times(ray_s)} s; {actors} client actors; "
-          f"start-up {times(startup_s)} s not counted; S-Server batches {batches})")  # fmt: skip
-    print(f"ray/local throughput ratio: {ray_tput / local_tput:.2f}")
+          f"clients, {cfg.rounds} rounds, server_batching={cfg.server_batching}, "
+          f"align_interval={cfg.align_interval}")  # fmt: skip
+    for n in thread_counts:
+        print(f"local, {n} thread{'s' * (n > 1)}: runs {times(local_s[n])} s; Ray alongside: "
+              f"{times(ray_s[n])} s; paired ratios {times(ratios[n])}")  # fmt: skip
+    best_local = min(min(v) for v in local_s.values())
+    print(f"local: {samples / best_local:9.0f} samples/s at best; ray: "
+          f"{samples / min(all_ray):9.0f} samples/s at best ({actors} client actors; start-up "
+          f"{times(startup_s)} s not counted; S-Server batches {batches})")  # fmt: skip
+    print(f"ray/local throughput ratio: {min(medians.values()):.2f}")
+
+
+def paired_run(cfg, threads: int) -> tuple[float, float, float, dict, int]:
+    """One experiment on each runtime, round by round in turn (Ray's round first: a
+    multi-threaded local round leaves its threads spinning for a few ms after it). Returns
+    (local s, Ray s, Ray start-up s, S-Server batch sizes, client actors)."""
+    start = time.perf_counter()
+    ray_runtime = RayRuntime(prepare(cfg))  # returns once every actor is up
+    startup = time.perf_counter() - start
+    local = LocalRuntime(prepare(cfg))
+    local_seconds = ray_seconds = 0.0
+    try:
+        for t in range(1, cfg.rounds + 1):
+            ray_seconds += timed_round(ray_runtime, t)
+            torch.set_num_threads(threads)
+            local_seconds += timed_round(local, t)
+        batches = ray_runtime.server_stats()["batch_sizes"]
+        actors = len(ray_runtime.client_actors)
+    finally:
+        ray_runtime.close()
+    return local_seconds, ray_seconds, startup, batches, actors
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def requests_per_second(prepared, batching: str, clients: int, n: int) -> tuple[
             ray.get(server.begin_round.remote(epoch, epoch, cids))
             start = time.perf_counter()
             ray.get([c.run.remote(epoch, count) for c in load])
-            ray.get(server.end_round.remote(epoch))
+            ray.get(server.end_round.remote(epoch, epoch))
             elapsed = time.perf_counter() - start
         stats = ray.get(server.stats.remote())
     finally:

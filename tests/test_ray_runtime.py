@@ -133,7 +133,7 @@ def test_exact_serves_clients_in_id_order(ray_session):
         server.submit.remote(1, 0, 2, "done")
         rest = [ray.get(late), ray.get(server.submit.remote(1, 1, 1, "exchange", *requests[1][1]))]
         server.submit.remote(1, 1, 2, "done")
-        ray.get(server.end_round.remote(1))
+        ray.get(server.end_round.remote(1, 1))
         answers = unpack([*ray.get(early)[::-1], *rest], "cpu")
         stats = ray.get(server.stats.remote())
     finally:
@@ -144,6 +144,46 @@ def test_exact_serves_clients_in_id_order(ray_session):
     for (grad, loss), (ref_grad, ref_loss) in zip(answers, expected, strict=True):
         assert torch.equal(grad, ref_grad) and torch.equal(loss, ref_loss)
     assert stats["batch_sizes"] == {1: 4}
+
+
+def test_requests_may_overtake_the_opening_of_their_round(ray_session):
+    """The F-Server does not wait for begin_round: requests of a round attempt that has not
+    begun wait for it, "done" markers may ride along with a later request, and end_round
+    evaluates the new global weights once the round is over."""
+    ray = ray_session
+    prepared, server = start_server("splitfed_v2", "exact")
+    requests = [smashed(prepared, cid, 8) for cid in (0, 1)]
+    weights = prepared.algorithm.initial_global()
+    try:
+        ray.get(server.begin_round.remote(1, 1, [0, 1]))
+        # client 1's request waits for client 0 in exact order: pending when attempt 1 ends
+        stale = server.submit.remote(1, 1, 0, "exchange", *pack(requests[1]))
+        # attempt 2's requests and its end arrive before attempt 2 is opened
+        answers = [server.submit.remote(2, 0, 0, "exchange", *pack(requests[0]))]
+        end = server.end_round.remote(1, 2, weights)
+        answers.append(
+            server.submit.remote(2, 1, 0, "exchange", *pack(requests[1]), done=[(0, 1)])
+        )
+        assert ray.wait([*answers, end], timeout=0.5)[0] == []  # all wait for the opening
+        server.begin_round.remote(1, 2, [0, 1])
+        with pytest.raises(ray.exceptions.RayTaskError, match="RoundAborted"):
+            ray.get(stale)  # attempt 1 was abandoned when attempt 2 began
+        answers = unpack(ray.get(answers), "cpu")
+        assert ray.wait([end], timeout=0.5)[0] == []  # client 1 is not done yet
+        server.submit.remote(2, 1, 1, "done")
+        metrics, evaluation = ray.get(end)
+        after_round = ray.get(server.evaluate.remote(weights))
+        stats = ray.get(server.stats.remote())
+    finally:
+        ray.kill(server)
+    reference = prepared.algorithm.new_server(torch.device("cpu"))
+    with one_thread():
+        expected = [reference.on_exchange(cid, *req) for cid, req in enumerate(requests)]
+    for (grad, loss), (ref_grad, ref_loss) in zip(answers, expected, strict=True):
+        assert torch.equal(grad, ref_grad) and torch.equal(loss, ref_loss)
+    assert evaluation == after_round  # the global model with the server as the round left it
+    assert 0.0 <= evaluation[1] <= 1.0
+    assert stats["batch_sizes"] == {1: 2}  # the abandoned attempt's request never ran
 
 
 def test_coalesce_batches_concurrent_clients_and_splits_gradients(ray_session):
@@ -164,7 +204,7 @@ def test_coalesce_batches_concurrent_clients_and_splits_gradients(ray_session):
         )
         for cid in range(n):
             server.submit.remote(1, cid, 1, "done")
-        ray.get(server.end_round.remote(1))
+        ray.get(server.end_round.remote(1, 1))
         stats = ray.get(server.stats.remote())
         stepped = loads(ray.get(server.state.remote()), torch.device("cpu"))
     finally:
