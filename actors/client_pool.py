@@ -106,7 +106,7 @@ class ClientActor:
         """Sends the "done" markers still held (the last client's, or of clients that sent
         nothing)."""
         if self.held_done:
-            (cid, seq), *rest = self.held_done[::-1]
+            (cid, seq), *rest = self.held_done  # their order does not matter: each has its seq
             self.server.submit.remote(epoch, cid, seq, "done", done=rest)
             self.held_done = []
 
