@@ -1,15 +1,19 @@
 """The Ray runtime (SPEC §7): client actors, the S-Server actor and the F-Server coordinator
-behind the same run_round / evaluate / close interface as `fslsage.experiment.LocalRuntime`.
+behind the same start_round / run_round / evaluate / close interface as
+`fslsage.experiment.LocalRuntime`.
 
 Per round the F-Server (this driver loop) opens the round on the S-Server, hands every client
-actor the global weights (one object, put once), gathers the small reports, and has a Ray task
-average the clients' weights straight from the object store, so weights never pass through the
-driver. A round's calls are all submitted at once and none waits on the driver: the S-Server
-files client requests that overtake the round's opening, and evaluates the new global model in
-its `end_round`, at the point the in-process runtime does. Every `checkpoint_every` rounds it
-checkpoints the clients, the S-Server and the global weights in the object store; if an actor
-dies mid-round, Ray restarts it, every role is restored from the checkpoint and the rounds since
-are re-run (deterministic with `exact` batching).
+actor the global weights (one object, put once), gathers the small reports, and has an actor task
+on its aggregator actor average the clients' weights straight from the object store, so weights
+never pass through the driver. A round's calls are all submitted at once and none waits on the
+driver: the S-Server files client requests that overtake the round's opening. Round t + 1 is
+submitted as soon as round t's reports are in (`start_round`): its clients start once round t's
+aggregate exists, and the S-Server evaluates that aggregate as it opens round t + 1 — with the
+server as round t left it, the point the in-process runtime evaluates at — while the driver
+writes round t's metrics. Every `checkpoint_every` rounds it checkpoints the clients, the
+S-Server and the global weights in the object store; if an actor dies, Ray restarts it, every
+role is restored from the checkpoint and the rounds since are re-run (deterministic with
+`exact` batching).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from actors.client_pool import ClientActor, owned_clients
-from actors.common import DataBundle
+from actors.common import DataBundle, assigned_resources
 from actors.s_server import SServer
 from fslsage.algorithms.base import Algorithm, State
 from fslsage.config import Config, ConfigError
@@ -44,31 +48,34 @@ RemoteClientActor = ray.remote(max_restarts=MAX_RESTARTS)(ClientActor)
 RemoteSServer = ray.remote(max_restarts=MAX_RESTARTS)(SServer)
 
 
-@ray.remote(num_cpus=0)
-def aggregate(
-    algo: Algorithm, report_refs: list[ray.ObjectRef], weight_refs: list[ray.ObjectRef]
-) -> dict[str, State]:
-    """F-Server aggregation as a task, reading the clients' weights from the object store.
-    Submitted when the round starts, with the references nested (so not awaited by Ray before
-    it runs): its worker starts — and imports torch, seconds on a small machine — while the
-    clients train, instead of after them, and is never left idle long enough for Ray to reap.
-    `weight_refs` are in client-id order, the order the in-process runtime averages in."""
-    fetched = ray.get([*report_refs, *weight_refs])  # one fetch: the round's end is waiting
-    batches, weights = fetched[: len(report_refs)], fetched[len(report_refs) :]
-    reports = sorted((r for batch in batches for r in batch), key=lambda r: r.cid)
-    return algo.aggregate(
-        [dataclasses.replace(r, weights=w) for r, w in zip(reports, weights, strict=True)]
-    )
+class Aggregator:
+    """The F-Server's averaging, on a long-lived actor: each round is one actor task that reads
+    the clients' weights from the object store, so weights never pass through the driver. A
+    per-round plain task would need a warm task worker every round, and Ray reaps an idle one
+    after a second (pipelined rounds overlap two aggregations): starting one again costs seconds.
+    The algorithm is deserialised once, not per round."""
+
+    def __init__(self, algo: Algorithm):
+        self.algo = algo
+
+    def aggregate(
+        self, report_refs: list[ray.ObjectRef], weight_refs: list[ray.ObjectRef]
+    ) -> dict[str, State]:
+        """Called when the round starts, with the references nested (so Ray does not wait for
+        them before the call runs). `weight_refs` are in client-id order, the order the
+        in-process runtime averages in."""
+        fetched = ray.get([*report_refs, *weight_refs])  # one fetch: the round's end is waiting
+        batches, weights = fetched[: len(report_refs)], fetched[len(report_refs) :]
+        reports = sorted((r for batch in batches for r in batch), key=lambda r: r.cid)
+        return self.algo.aggregate(
+            [dataclasses.replace(r, weights=w) for r, w in zip(reports, weights, strict=True)]
+        )
+
+    def where(self) -> dict[str, Any]:
+        return assigned_resources()
 
 
-@ray.remote(num_cpus=0)
-def warm_up(started: list[ray.ObjectRef]) -> None:
-    """Readies a task worker (torch and the algorithms imported) for the first aggregation,
-    then waits for the actors: Ray reaps a worker left idle for a second, and starting one
-    again costs seconds."""
-    import fslsage.algorithms  # noqa: F401
-
-    ray.get(started)
+RemoteAggregator = ray.remote(max_restarts=MAX_RESTARTS)(Aggregator)
 
 
 def connect(address: str | None = None) -> bool:
@@ -93,6 +100,18 @@ def client_actor_count(cfg: Config, resources: dict[str, float], reserved_cpus: 
             free = resources.get("GPU", 0.0) - cfg.server_gpus
             n = min(n, int((free + eps) // cfg.client_gpus))
     return max(1, min(n, cfg.num_clients))
+
+
+@dataclass
+class StartedRound:
+    """A round attempt's calls, submitted and not yet awaited."""
+
+    t: int
+    report_refs: list[ray.ObjectRef]  # per client actor: its clients' reports
+    new_global: ray.ObjectRef  # the aggregate
+    end: ray.ObjectRef  # the S-Server's round metrics, once every client is done
+    opening: ray.ObjectRef  # begin_round: the evaluation of `previous_global`, or None
+    previous_global: ray.ObjectRef | None
 
 
 @dataclass
@@ -131,6 +150,7 @@ class RayRuntime:
             )
             for cids in self.owned
         ]
+        self.aggregator = RemoteAggregator.options(num_cpus=0).remote(self.algo_ref)
         self.actor_of = {
             cid: a for a, cids in zip(self.client_actors, self.owned, strict=True) for cid in cids
         }
@@ -138,6 +158,7 @@ class RayRuntime:
         self.global_ref = ray.put(algo.initial_global())
         self.epoch = 0  # round attempts: requests of an abandoned attempt are rejected
         self.inflight: list[ray.ObjectRef] = []
+        self.started: StartedRound | None = None
         self.evaluation: tuple[ray.ObjectRef, tuple[float, float]] | None = None
         self.checkpoint: Checkpoint | None = None
         if cfg.checkpoint_every:
@@ -146,8 +167,8 @@ class RayRuntime:
     def _wait_until_started(self) -> None:
         """Every actor up (their errors raised here, not in round 1) and a warm task worker,
         or a clear error when the cluster cannot place them."""
-        calls = [self.server.where.remote(), *(a.where.remote() for a in self.client_actors)]
-        calls.append(warm_up.remote(list(calls)))
+        calls = [self.server.where.remote(), self.aggregator.where.remote()]
+        calls += [a.where.remote() for a in self.client_actors]
         ready, _ = ray.wait(calls, num_returns=len(calls), timeout=PLACEMENT_TIMEOUT_S)
         if len(ready) < len(calls):
             cfg = self.cfg
@@ -161,12 +182,27 @@ class RayRuntime:
         ray.get(ready)
 
     # -- the Runtime interface ------------------------------------------------------------------
+    def start_round(self, t: int) -> None:
+        """Submits round t at once: its clients start as soon as round t − 1's aggregate is in,
+        and the S-Server evaluates round t − 1's global model as it opens round t (before any
+        of round t's requests), so `evaluate` reads that while round t already runs."""
+        if self.started is not None:
+            if self.started.t != t:
+                raise RuntimeError(f"round {self.started.t} is running; cannot start round {t}")
+            return
+        self.started = self._submit(t, evaluate_previous=True)
+
     def run_round(self, t: int) -> RoundOutcome:
         for attempt in range(MAX_RECOVERIES + 1):
             try:
-                outcome = self._round(t)
+                if self.started is None:
+                    self.started = self._submit(t)
+                elif self.started.t != t:
+                    raise RuntimeError(f"round {self.started.t} is running, not round {t}")
+                outcome = self._finish(self.started)
                 break
             except RayActorError as e:
+                self.started = None
                 if self.checkpoint is None or attempt == MAX_RECOVERIES:
                     raise
                 log.warning("round %d: an actor died (%s); restoring round %d's checkpoint",
@@ -178,21 +214,36 @@ class RayRuntime:
 
     def evaluate(self) -> tuple[float, float]:
         if self.evaluation is not None and self.evaluation[0] == self.global_ref:
-            return self.evaluation[1]  # done by the S-Server as the round ended
-        loss, acc = ray.get(self.server.evaluate.remote(self.global_ref))
+            return self.evaluation[1]
+        started = self.started
+        if started is not None and started.previous_global == self.global_ref:
+            try:  # taken by the S-Server as it opened the next round
+                result = ray.get(started.opening)
+            except RayActorError:  # the S-Server died with it: back to this round, evaluate again
+                if self.checkpoint is None:
+                    raise
+                self.started = None
+                self._recover(started.t)
+                result = ray.get(self.server.evaluate.remote(self.global_ref))
+        else:
+            result = ray.get(self.server.evaluate.remote(self.global_ref))
+        loss, acc = result
+        self.evaluation = (self.global_ref, (loss, acc))
         return loss, acc
 
     def close(self) -> None:
-        for actor in [*self.client_actors, self.server]:
+        for actor in [*self.client_actors, self.server, self.aggregator]:
             ray.kill(actor)
         if self.started_ray:
             ray.shutdown()
 
     # -- one round --------------------------------------------------------------------------------
-    def _round(self, t: int) -> RoundOutcome:
+    def _submit(self, t: int, evaluate_previous: bool = False) -> StartedRound:
+        """Every call of round t, none awaited: the client actors' first (they are the round's
+        critical path), then the aggregation, the S-Server's opening (with the global model to
+        evaluate, if asked) and its end of round."""
         self.epoch += 1
         cids = list(range(self.cfg.num_clients))
-        self.server.begin_round.remote(t, self.epoch, cids)
         report_refs: list[ray.ObjectRef] = []
         weight_of: dict[int, ray.ObjectRef] = {}  # each client's weights, in the object store
         if self.algo.sequential:  # one client after another, the model handed on via the store
@@ -209,13 +260,20 @@ class RayRuntime:
                 )
                 report_refs.append(reports)
                 weight_of.update(zip(owned, weights, strict=True))
-        new_global = aggregate.remote(self.algo_ref, report_refs, [weight_of[c] for c in cids])
-        end = self.server.end_round.remote(t, self.epoch, new_global)  # sent once aggregated
+        new_global = self.aggregator.aggregate.remote(report_refs, [weight_of[c] for c in cids])
+        previous = self.global_ref if evaluate_previous else None
+        opening = self.server.begin_round.remote(t, self.epoch, cids, previous)
+        end = self.server.end_round.remote(t, self.epoch)
         self.inflight = [*report_refs, *weight_of.values(), new_global]
-        reports = sorted((r for b in _get_promptly(report_refs) for r in b), key=lambda r: r.cid)
-        server_metrics, evaluation = ray.get(end)
-        self.global_ref, self.inflight = new_global, []
-        self.evaluation = (new_global, evaluation)
+        return StartedRound(t, report_refs, new_global, end, opening, previous)
+
+    def _finish(self, started: StartedRound) -> RoundOutcome:
+        """Waits for the round's reports and server metrics; the new global model is left to
+        the object store (the next round and the evaluation read it there)."""
+        batches = _get_promptly(started.report_refs)
+        reports = sorted((r for b in batches for r in b), key=lambda r: r.cid)
+        server_metrics = ray.get(started.end)
+        self.global_ref, self.inflight, self.started = started.new_global, [], None
         return RoundOutcome.from_reports(reports, server_metrics)
 
     # -- checkpoints and recovery -----------------------------------------------------------------
@@ -241,7 +299,7 @@ class RayRuntime:
             _when_up(lambda a=actor, s=state: ray.get(a.load_state.remote(s)))
         self.global_ref = ckpt.global_weights
         for s in range(ckpt.t + 1, t):
-            self._round(s)
+            self._finish(self._submit(s))
 
     # -- diagnostics ----------------------------------------------------------------------------
     def placement(self) -> dict[str, Any]:

@@ -5,7 +5,8 @@ marker and the F-Server's control calls — goes into one `asyncio.Queue`, drain
 coroutine, the only code that touches the server role. Requests carry (epoch, client id,
 sequence number): Ray does not keep the order of calls to an async actor, and a restarted round
 must not see stale requests. Requests of a round attempt that has not begun yet wait for its
-`begin_round`, so the F-Server never waits for that call to return.
+`begin_round`, so the F-Server never waits for that call to return; `begin_round` also
+evaluates the previous round's global model, so the next round starts without waiting for it.
 
 Batching policies:
   * ``exact``: requests one at a time, all of the lowest-id client still running before any
@@ -24,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -159,6 +161,7 @@ class SServer:
         self.arrivals = itertools.count()
         self.batch_sizes: Counter[int] = Counter()
         self.early: list[Request] = []  # requests of a round attempt not begun yet
+        self.crash_at_opening: int | None = None
         self._reset_round(epoch=-1)
 
     # -- the actor's methods -------------------------------------------------------------------
@@ -179,17 +182,19 @@ class SServer:
         self._put(req)
         return None
 
-    async def begin_round(self, t: int, epoch: int, cids: list[int]) -> None:
-        """Opens round attempt `epoch`; `cids` is the order `exact` serves clients in."""
-        await self._ask(Request("begin", args=(t, epoch, list(cids))))
+    async def begin_round(
+        self, t: int, epoch: int, cids: list[int], previous_global: dict[str, State] | None = None
+    ) -> tuple[float, float] | None:
+        """Opens round attempt `epoch`; `cids` is the order `exact` serves clients in. Given
+        the global weights the previous round produced, first evaluates them with the server as
+        that round left it — the point the in-process runtime evaluates at — and returns their
+        (test loss, accuracy): the F-Server reads it while this round already runs."""
+        return await self._ask(Request("begin", args=(t, epoch, list(cids), previous_global)))
 
-    async def end_round(
-        self, t: int, epoch: int, weights: dict[str, State] | None = None
-    ) -> tuple[dict[str, float], tuple[float, float] | None]:
+    async def end_round(self, t: int, epoch: int) -> dict[str, float]:
         """Answers once every client of round attempt `epoch` is done: the round's server
-        metrics and, given the new global weights, the global model's (test loss, accuracy) —
-        evaluated here, without another call, as the in-process runtime does after its round."""
-        return await self._ask(Request("end", epoch=epoch, args=(t, weights)))
+        metrics."""
+        return await self._ask(Request("end", epoch=epoch, args=(t,)))
 
     async def evaluate(self, weights: dict[str, State]) -> tuple[float, float]:
         return await self._ask(Request("evaluate", args=(weights,)))
@@ -207,6 +212,10 @@ class SServer:
 
     async def where(self) -> dict[str, Any]:
         return assigned_resources()
+
+    async def arm_crash(self, t: int) -> None:
+        """Test hook: the process exits when it is about to open round t."""
+        self.crash_at_opening = t
 
     # -- queue plumbing ------------------------------------------------------------------------
     def _put(self, req: Request) -> None:
@@ -332,13 +341,23 @@ class SServer:
 
     async def _control(self, req: Request) -> Any:
         if req.kind == "begin":
-            _, epoch, cids = req.args
+            t, epoch, cids, previous_global = req.args
+            if self.crash_at_opening == t:
+                os._exit(1)  # fault injection for the recovery test: the process dies here
+            evaluation: Any = None
+            if previous_global is not None:  # before anything of this round touches the server
+                try:
+                    evaluation = await self._compute(self._evaluate, previous_global)
+                except Exception as e:  # noqa: BLE001 - the round still opens; begin's caller sees it
+                    evaluation = e
             self._abort(f"round attempt {epoch} began")
             self._reset_round(epoch, cids)
             early, self.early = self.early, []
             for r in early:  # this attempt's requests are filed, older ones fail, newer wait
                 await self._accept(r)
-            return None
+            if isinstance(evaluation, Exception):
+                raise evaluation
+            return evaluation
         if req.kind == "evaluate":
             return await self._compute(self._evaluate, *req.args)
         if req.kind == "state":
@@ -411,13 +430,12 @@ class SServer:
             _fail(req, self.errors[0])
             return
         try:
-            t, weights = req.args
+            (t,) = req.args
             metrics = await self._compute(self.server.end_round, t) if self.server else {}
-            evaluation = None if weights is None else await self._compute(self._evaluate, weights)
         except Exception as e:  # noqa: BLE001
             _fail(req, e)
         else:
-            _answer(req, (metrics, evaluation))
+            _answer(req, metrics)
 
     # -- on the compute thread -----------------------------------------------------------------
     def _run_one(self, req: Request) -> Any:

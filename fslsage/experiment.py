@@ -120,6 +120,11 @@ class RoundOutcome:
 
 
 class Runtime(Protocol):
+    """Runs rounds. `start_round(t)` may begin round t while the driver still reads round t − 1
+    (its evaluation); `run_round(t)` finishes round t (starting it if need be); `evaluate()`
+    answers for the global model after the last finished round, even while the next one runs."""
+
+    def start_round(self, t: int) -> None: ...
     def run_round(self, t: int) -> RoundOutcome: ...
     def evaluate(self) -> tuple[float, float]: ...
     def close(self) -> None: ...
@@ -143,6 +148,9 @@ class LocalRuntime:
             p: {k: v.to(self.device) for k, v in s.items()}
             for p, s in algo.initial_global().items()
         }
+
+    def start_round(self, t: int) -> None:
+        """Nothing to overlap in one process: round t runs in `run_round`."""
 
     def run_round(self, t: int) -> RoundOutcome:
         reports: list[ClientReport] = []
@@ -181,7 +189,8 @@ def run_experiment(
     on_round: Callable[[dict], None] | None = None,
 ) -> pd.DataFrame:
     """The F-Server loop: rounds until `rounds` or the communication budget; one metrics row per
-    round, rewritten atomically to OUT/metrics.parquet after every round."""
+    round, rewritten atomically to OUT/metrics.parquet after every round. The next round is
+    started before this one's evaluation is read, so a runtime that can overlaps them."""
     ledger = Ledger()
     rows: list[dict] = []
     start = time.perf_counter()
@@ -190,6 +199,8 @@ def run_experiment(
         if not math.isfinite(outcome.train_loss):
             raise TrainingDiverged(f"train_loss is {outcome.train_loss} in round {t}")
         ledger.merge(outcome.ledger)
+        if t < cfg.rounds and ledger.gib() < cfg.comm_budget_gib:
+            runtime.start_round(t + 1)
         test_loss, test_acc = runtime.evaluate()
         row = {
             "round": t,

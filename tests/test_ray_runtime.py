@@ -91,6 +91,26 @@ def test_killed_client_actor_restarts_from_the_checkpoint(ray_session, tmp_path)
     assert_same_metrics(run_local(cfg, tmp_path / "local"), ray_df)
 
 
+def test_s_server_dying_as_it_opens_a_round_is_restored_from_the_checkpoint(ray_session, tmp_path):
+    """Round 3 is submitted before round 2's evaluation is read, and the S-Server evaluates round
+    2 as it opens round 3: it dies there, and the run still reports every round once, with the
+    in-process runtime's metrics."""
+    cfg = demo_config(algorithm="fsl_sage", rounds=3, checkpoint_every=2)
+    ray = ray_session
+    runtime = RayRuntime(prepare(cfg))
+    try:
+        pid = ray.get(runtime.server.where.remote())["pid"]
+        ray.get(runtime.server.arm_crash.remote(3))
+        run_experiment(cfg, runtime, out_dir=tmp_path / "ray", progress=None)
+        after = ray.get(runtime.server.where.remote())["pid"]
+    finally:
+        runtime.close()
+    assert after != pid  # Ray restarted the S-Server in a new process
+    ray_df = pd.read_parquet(tmp_path / "ray" / "metrics.parquet")
+    assert ray_df["round"].tolist() == [1, 2, 3]
+    assert_same_metrics(run_local(cfg, tmp_path / "local"), ray_df)
+
+
 def test_100_virtual_clients_run_on_4_actors(ray_session, tmp_path):
     owned = owned_clients(100, 4)
     assert all(c % 4 == a for a, cids in enumerate(owned) for c in cids)
@@ -148,8 +168,8 @@ def test_exact_serves_clients_in_id_order(ray_session):
 
 def test_requests_may_overtake_the_opening_of_their_round(ray_session):
     """The F-Server does not wait for begin_round: requests of a round attempt that has not
-    begun wait for it, "done" markers may ride along with a later request, and end_round
-    evaluates the new global weights once the round is over."""
+    begun wait for it, "done" markers may ride along with a later request, and begin_round
+    evaluates the previous round's global weights before any request of its own round."""
     ray = ray_session
     prepared, server = start_server("splitfed_v2", "exact")
     requests = [smashed(prepared, cid, 8) for cid in (0, 1)]
@@ -160,10 +180,8 @@ def test_requests_may_overtake_the_opening_of_their_round(ray_session):
         stale = server.submit.remote(1, 1, 0, "exchange", *pack(requests[1]))
         # attempt 2's requests and its end arrive before attempt 2 is opened
         answers = [server.submit.remote(2, 0, 0, "exchange", *pack(requests[0]))]
-        end = server.end_round.remote(1, 2, weights)
-        answers.append(
-            server.submit.remote(2, 1, 0, "exchange", *pack(requests[1]), done=[(0, 1)])
-        )
+        end = server.end_round.remote(1, 2)
+        answers.append(server.submit.remote(2, 1, 0, "exchange", *pack(requests[1]), done=[(0, 1)]))
         assert ray.wait([*answers, end], timeout=0.5)[0] == []  # all wait for the opening
         server.begin_round.remote(1, 2, [0, 1])
         with pytest.raises(ray.exceptions.RayTaskError, match="RoundAborted"):
@@ -171,8 +189,13 @@ def test_requests_may_overtake_the_opening_of_their_round(ray_session):
         answers = unpack(ray.get(answers), "cpu")
         assert ray.wait([end], timeout=0.5)[0] == []  # client 1 is not done yet
         server.submit.remote(2, 1, 1, "done")
-        metrics, evaluation = ray.get(end)
-        after_round = ray.get(server.evaluate.remote(weights))
+        metrics = ray.get(end)
+        as_left = ray.get(server.evaluate.remote(weights))  # the server as round 2 left it
+        # round 3's request arrives first; the opening evaluates before serving it
+        next_round = server.submit.remote(3, 0, 0, "exchange", *pack(requests[0]))
+        evaluation = ray.get(server.begin_round.remote(2, 3, [0, 1], weights))
+        ray.get(next_round)
+        after_step = ray.get(server.evaluate.remote(weights))
         stats = ray.get(server.stats.remote())
     finally:
         ray.kill(server)
@@ -181,9 +204,10 @@ def test_requests_may_overtake_the_opening_of_their_round(ray_session):
         expected = [reference.on_exchange(cid, *req) for cid, req in enumerate(requests)]
     for (grad, loss), (ref_grad, ref_loss) in zip(answers, expected, strict=True):
         assert torch.equal(grad, ref_grad) and torch.equal(loss, ref_loss)
-    assert evaluation == after_round  # the global model with the server as the round left it
+    assert metrics == {}  # splitfed_v2 logs no server metrics of its own
+    assert evaluation == as_left and evaluation != after_step
     assert 0.0 <= evaluation[1] <= 1.0
-    assert stats["batch_sizes"] == {1: 2}  # the abandoned attempt's request never ran
+    assert stats["batch_sizes"] == {1: 3}  # the abandoned attempt's request never ran
 
 
 def test_coalesce_batches_concurrent_clients_and_splits_gradients(ray_session):
