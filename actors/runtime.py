@@ -306,6 +306,7 @@ class RayRuntime:
         """Where each actor runs and what it was given (tests, logs)."""
         return {
             "server": ray.get(self.server.where.remote()),
+            "aggregator": ray.get(self.aggregator.where.remote()),
             "clients": ray.get([a.where.remote() for a in self.client_actors]),
         }
 
