@@ -31,7 +31,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 
 from actors.client_pool import ClientActor, owned_clients
 from actors.common import DataBundle, assigned_resources
-from actors.s_server import SServer
+from actors.s_server import SServer, StateLost
 from fslsage.algorithms.base import Algorithm, State
 from fslsage.config import Config, ConfigError
 from fslsage.experiment import Prepared, RoundOutcome
@@ -107,6 +107,7 @@ class StartedRound:
     """A round attempt's calls, submitted and not yet awaited."""
 
     t: int
+    epoch: int
     report_refs: list[ray.ObjectRef]  # per client actor: its clients' reports
     new_global: ray.ObjectRef  # the aggregate
     end: ray.ObjectRef  # the S-Server's round metrics, once every client is done
@@ -119,6 +120,7 @@ class Checkpoint:
     """Object-store references to the experiment state after round `t`."""
 
     t: int
+    after: int  # the round attempt whose end the S-Server state follows
     global_weights: ray.ObjectRef
     server: ray.ObjectRef
     clients: list[ray.ObjectRef]
@@ -157,6 +159,7 @@ class RayRuntime:
         self._wait_until_started()
         self.global_ref = ray.put(algo.initial_global())
         self.epoch = 0  # round attempts: requests of an abandoned attempt are rejected
+        self.server_after = 0  # the attempt whose end the S-Server's state follows (0: initial)
         self.inflight: list[ray.ObjectRef] = []
         self.started: StartedRound | None = None
         self.evaluation: tuple[ray.ObjectRef, tuple[float, float]] | None = None
@@ -201,11 +204,12 @@ class RayRuntime:
                     raise RuntimeError(f"round {self.started.t} is running, not round {t}")
                 outcome = self._finish(self.started)
                 break
-            except RayActorError as e:
+            except (RayActorError, StateLost) as e:
                 self.started = None
                 if self.checkpoint is None or attempt == MAX_RECOVERIES:
                     raise
-                log.warning("round %d: an actor died (%s); restoring round %d's checkpoint",
+                log.warning("round %d: an actor died or lost its state (%s); restoring round "
+                            "%d's checkpoint",
                             t, type(e).__name__, self.checkpoint.t)  # fmt: skip
                 self._recover(t)
         if self.cfg.checkpoint_every and t % self.cfg.checkpoint_every == 0:
@@ -219,7 +223,7 @@ class RayRuntime:
         if started is not None and started.previous_global == self.global_ref:
             try:  # taken by the S-Server as it opened the next round
                 result = ray.get(started.opening)
-            except RayActorError:  # the S-Server died with it: back to this round, evaluate again
+            except (RayActorError, StateLost):  # the S-Server died: back to this round, again
                 if self.checkpoint is None:
                     raise
                 self.started = None
@@ -262,10 +266,10 @@ class RayRuntime:
                 weight_of.update(zip(owned, weights, strict=True))
         new_global = self.aggregator.aggregate.remote(report_refs, [weight_of[c] for c in cids])
         previous = self.global_ref if evaluate_previous else None
-        opening = self.server.begin_round.remote(t, self.epoch, cids, previous)
+        opening = self.server.begin_round.remote(t, self.epoch, cids, self.server_after, previous)
         end = self.server.end_round.remote(t, self.epoch)
         self.inflight = [*report_refs, *weight_of.values(), new_global]
-        return StartedRound(t, report_refs, new_global, end, opening, previous)
+        return StartedRound(t, self.epoch, report_refs, new_global, end, opening, previous)
 
     def _finish(self, started: StartedRound) -> RoundOutcome:
         """Waits for the round's reports and server metrics; the new global model is left to
@@ -274,6 +278,7 @@ class RayRuntime:
         reports = sorted((r for b in batches for r in b), key=lambda r: r.cid)
         server_metrics = ray.get(started.end)
         self.global_ref, self.inflight, self.started = started.new_global, [], None
+        self.server_after = started.epoch
         return RoundOutcome.from_reports(reports, server_metrics)
 
     # -- checkpoints and recovery -----------------------------------------------------------------
@@ -282,7 +287,7 @@ class RayRuntime:
         clients = [a.state.remote() for a in self.client_actors]
         # taken before the next round changes anything; the states stay in the object store
         ray.wait([server, *clients], num_returns=1 + len(clients), fetch_local=False)
-        self.checkpoint = Checkpoint(t, self.global_ref, server, clients)
+        self.checkpoint = Checkpoint(t, self.server_after, self.global_ref, server, clients)
 
     def _recover(self, t: int) -> None:
         """Every role back to the checkpoint (Ray has restarted the dead actor or is doing so),
@@ -290,7 +295,8 @@ class RayRuntime:
         ckpt = self.checkpoint
         assert ckpt is not None
         # first the S-Server: it aborts the round, so clients waiting on it return
-        _when_up(lambda: ray.get(self.server.load_state.remote(ckpt.server)))
+        _when_up(lambda: ray.get(self.server.load_state.remote(ckpt.server, ckpt.after)))
+        self.server_after = ckpt.after
         if self.inflight:
             ray.wait(self.inflight, num_returns=len(self.inflight), timeout=DRAIN_TIMEOUT_S,
                      fetch_local=False)  # fmt: skip

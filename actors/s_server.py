@@ -61,6 +61,11 @@ class RoundAborted(RuntimeError):
     """The request belongs to a round attempt the F-Server has abandoned (recovery)."""
 
 
+class StateLost(RuntimeError):
+    """The S-Server does not hold the state its round should start from: Ray restarted it
+    between rounds, with nothing in flight to fail (the F-Server restores a checkpoint)."""
+
+
 @dataclass
 class Request:
     kind: str
@@ -162,6 +167,9 @@ class SServer:
         self.batch_sizes: Counter[int] = Counter()
         self.early: list[Request] = []  # requests of a round attempt not begun yet
         self.crash_at_opening: int | None = None
+        # the round attempt whose end this server's state follows (0: the initial state)
+        self.state_after = 0
+        self.rejected: tuple[int, int] | None = None  # (epoch, after) of a lost-state opening
         self._reset_round(epoch=-1)
 
     # -- the actor's methods -------------------------------------------------------------------
@@ -183,13 +191,21 @@ class SServer:
         return None
 
     async def begin_round(
-        self, t: int, epoch: int, cids: list[int], previous_global: dict[str, State] | None = None
+        self,
+        t: int,
+        epoch: int,
+        cids: list[int],
+        after: int = 0,
+        previous_global: dict[str, State] | None = None,
     ) -> tuple[float, float] | None:
-        """Opens round attempt `epoch`; `cids` is the order `exact` serves clients in. Given
-        the global weights the previous round produced, first evaluates them with the server as
-        that round left it — the point the in-process runtime evaluates at — and returns their
-        (test loss, accuracy): the F-Server reads it while this round already runs."""
-        return await self._ask(Request("begin", args=(t, epoch, list(cids), previous_global)))
+        """Opens round attempt `epoch`, which starts from the state attempt `after` ended with
+        (0: the initial state, or a checkpoint's); `cids` is the order `exact` serves clients
+        in. Given the global weights the previous round produced, first evaluates them with the
+        server as that round left it — the point the in-process runtime evaluates at — and
+        returns their (test loss, accuracy): the F-Server reads it while this round runs. A
+        server that does not hold that state (restarted) fails the attempt with StateLost."""
+        args = (t, epoch, list(cids), after, previous_global)
+        return await self._ask(Request("begin", args=args))
 
     async def end_round(self, t: int, epoch: int) -> dict[str, float]:
         """Answers once every client of round attempt `epoch` is done: the round's server
@@ -202,9 +218,10 @@ class SServer:
     async def state(self) -> bytes:
         return await self._ask(Request("state"))
 
-    async def load_state(self, blob: bytes) -> None:
-        """Restores a checkpoint; aborts the open round (its waiting clients get RoundAborted)."""
-        await self._ask(Request("load", args=(blob,)))
+    async def load_state(self, blob: bytes, after: int) -> None:
+        """Restores a checkpoint taken once round attempt `after` had ended; aborts the open
+        round (its waiting clients get RoundAborted)."""
+        await self._ask(Request("load", args=(blob, after)))
 
     async def stats(self) -> dict[str, Any]:
         """How many batches of each size were processed (the batching benchmark and tests)."""
@@ -323,7 +340,9 @@ class SServer:
     # -- the worker's steps --------------------------------------------------------------------
     async def _accept(self, req: Request) -> None:
         if req.kind in ROUND_KINDS:
-            if req.epoch > self.epoch:  # arrived before its begin_round: filed by that
+            if self.rejected is not None and req.epoch == self.rejected[0]:
+                _fail(req, self._state_lost())
+            elif req.epoch > self.epoch:  # arrived before its begin_round: filed by that
                 self.early.append(req)
             elif req.epoch < self.epoch or (req.kind != "end" and req.cid not in self.pending):
                 _fail(req, RoundAborted(f"request of round attempt {req.epoch}"))
@@ -341,9 +360,15 @@ class SServer:
 
     async def _control(self, req: Request) -> Any:
         if req.kind == "begin":
-            t, epoch, cids, previous_global = req.args
+            t, epoch, cids, after, previous_global = req.args
             if self.crash_at_opening == t:
                 os._exit(1)  # fault injection for the recovery test: the process dies here
+            if after != self.state_after:  # this attempt's requests fail, now and when they come
+                self.rejected = (epoch, after)
+                early, self.early = self.early, []
+                for r in early:
+                    await self._accept(r)
+                raise self._state_lost()
             evaluation: Any = None
             if previous_global is not None:  # before anything of this round touches the server
                 try:
@@ -368,7 +393,9 @@ class SServer:
             for r in early:  # attempts the F-Server abandoned before they began here
                 _fail(r, RoundAborted("state restored from a checkpoint"))
             self._reset_round(epoch=-1)
-            self.server = await self._compute(loads, req.args[0], self.device)
+            blob, self.state_after = req.args
+            self.rejected = None
+            self.server = await self._compute(loads, blob, self.device)
             return None
         if req.kind == "stats":
             return {"batch_sizes": dict(self.batch_sizes)}
@@ -429,6 +456,7 @@ class SServer:
         if self.errors:
             _fail(req, self.errors[0])
             return
+        self.state_after = req.epoch
         try:
             (t,) = req.args
             metrics = await self._compute(self.server.end_round, t) if self.server else {}
@@ -436,6 +464,13 @@ class SServer:
             _fail(req, e)
         else:
             _answer(req, metrics)
+
+    def _state_lost(self) -> StateLost:
+        assert self.rejected is not None
+        epoch, after = self.rejected
+        return StateLost(f"round attempt {epoch} starts from the S-Server state after attempt "
+                         f"{after}, but this S-Server holds the state after attempt "
+                         f"{self.state_after}: Ray restarted it")  # fmt: skip
 
     # -- on the compute thread -----------------------------------------------------------------
     def _run_one(self, req: Request) -> Any:

@@ -54,7 +54,7 @@ def requests_per_second(prepared, batching: str, clients: int, n: int) -> tuple[
     cids = list(range(clients))
     try:
         for epoch, count in ((1, 5), (2, n)):  # round 1 warms every actor and connection up
-            ray.get(server.begin_round.remote(epoch, epoch, cids))
+            ray.get(server.begin_round.remote(epoch, epoch, cids, after=epoch - 1))
             start = time.perf_counter()
             ray.get([c.run.remote(epoch, count) for c in load])
             ray.get(server.end_round.remote(epoch, epoch))

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -111,6 +112,43 @@ def test_s_server_dying_as_it_opens_a_round_is_restored_from_the_checkpoint(ray_
     assert_same_metrics(run_local(cfg, tmp_path / "local"), ray_df)
 
 
+def test_s_server_restarted_between_rounds_is_noticed_and_restored(ray_session):
+    """An S-Server that dies with no call in flight comes back from Ray with its initial state
+    and nothing fails; the next round's opening notices (StateLost), and the F-Server restores
+    the checkpoint instead of training on against a blank server."""
+    cfg = demo_config(algorithm="fsl_sage", rounds=3, checkpoint_every=1)
+    ray = ray_session
+    runtime = RayRuntime(prepare(cfg))
+    evaluations = []
+    try:
+        pid = ray.get(runtime.server.where.remote())["pid"]
+        for t in range(1, cfg.rounds + 1):
+            runtime.run_round(t)
+            evaluations.append(runtime.evaluate())
+            if t == 1:  # between rounds: nothing in flight
+                ray.kill(runtime.server, no_restart=False)
+                wait_for_restart(ray, runtime.server, pid)
+    finally:
+        runtime.close()
+    local = LocalRuntime(prepare(cfg))
+    with one_thread():
+        expected = [(local.run_round(t), local.evaluate())[1] for t in range(1, cfg.rounds + 1)]
+    flat = [x for pair in evaluations for x in pair]
+    assert flat == pytest.approx([x for pair in expected for x in pair], abs=1e-6)
+
+
+def wait_for_restart(ray, actor, old_pid: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if ray.get(actor.where.remote(), timeout=10)["pid"] != old_pid:
+                return
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            pass
+        time.sleep(0.2)
+    raise AssertionError("the actor did not restart")
+
+
 def test_100_virtual_clients_run_on_4_actors(ray_session, tmp_path):
     owned = owned_clients(100, 4)
     assert all(c % 4 == a for a, cids in enumerate(owned) for c in cids)
@@ -193,7 +231,8 @@ def test_requests_may_overtake_the_opening_of_their_round(ray_session):
         as_left = ray.get(server.evaluate.remote(weights))  # the server as round 2 left it
         # round 3's request arrives first; the opening evaluates before serving it
         next_round = server.submit.remote(3, 0, 0, "exchange", *pack(requests[0]))
-        evaluation = ray.get(server.begin_round.remote(2, 3, [0, 1], weights))
+        opening = server.begin_round.remote(2, 3, [0, 1], after=2, previous_global=weights)
+        evaluation = ray.get(opening)
         ray.get(next_round)
         after_step = ray.get(server.evaluate.remote(weights))
         stats = ray.get(server.stats.remote())
