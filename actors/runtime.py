@@ -13,7 +13,9 @@ server as round t left it, the point the in-process runtime evaluates at — whi
 writes round t's metrics. Every `checkpoint_every` rounds it checkpoints the clients, the
 S-Server and the global weights in the object store; if an actor dies, Ray restarts it, every
 role is restored from the checkpoint and the rounds since are re-run (deterministic with
-`exact` batching).
+`exact` batching). An S-Server that Ray restarted between rounds, with no call in flight to
+fail, is caught by the next opening: each names the attempt whose end the server's state must
+follow.
 """
 
 from __future__ import annotations
