@@ -170,8 +170,8 @@ class RayRuntime:
             self._checkpoint(0)
 
     def _wait_until_started(self) -> None:
-        """Every actor up (their errors raised here, not in round 1) and a warm task worker,
-        or a clear error when the cluster cannot place them."""
+        """Every actor up (their errors raised here, not in round 1), or a clear error when the
+        cluster cannot place them."""
         calls = [self.server.where.remote(), self.aggregator.where.remote()]
         calls += [a.where.remote() for a in self.client_actors]
         ready, _ = ray.wait(calls, num_returns=len(calls), timeout=PLACEMENT_TIMEOUT_S)

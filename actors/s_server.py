@@ -365,9 +365,7 @@ class SServer:
                 os._exit(1)  # fault injection for the recovery test: the process dies here
             if after != self.state_after:  # this attempt's requests fail, now and when they come
                 self.rejected = (epoch, after)
-                early, self.early = self.early, []
-                for r in early:
-                    await self._accept(r)
+                await self._refile_early()
                 raise self._state_lost()
             evaluation: Any = None
             if previous_global is not None:  # before anything of this round touches the server
@@ -377,9 +375,7 @@ class SServer:
                     evaluation = e
             self._abort(f"round attempt {epoch} began")
             self._reset_round(epoch, cids)
-            early, self.early = self.early, []
-            for r in early:  # this attempt's requests are filed, older ones fail, newer wait
-                await self._accept(r)
+            await self._refile_early()
             if isinstance(evaluation, Exception):
                 raise evaluation
             return evaluation
@@ -464,6 +460,13 @@ class SServer:
             _fail(req, e)
         else:
             _answer(req, metrics)
+
+    async def _refile_early(self) -> None:
+        """Files the requests that came before their round's opening, now that one opened (or
+        was rejected): this attempt's are filed (or fail), older ones fail, newer ones wait."""
+        early, self.early = self.early, []
+        for r in early:
+            await self._accept(r)
 
     def _state_lost(self) -> StateLost:
         assert self.rejected is not None

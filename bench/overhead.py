@@ -14,7 +14,7 @@ busy 2-core machine two OpenMP threads can slow it down many times over), each p
 own Ray run; the last line is the median paired ratio against the faster of the two:
 `ray/local throughput ratio: X`.
 
-    .venv/bin/python bench/overhead.py [--rounds N] [--repeats K] [--set key=value ...]
+    .venv/bin/python bench/overhead.py [--rounds N] [--repeats K] [--chunk C] [--set key=value ...]
 """
 
 from __future__ import annotations
