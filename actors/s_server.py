@@ -23,11 +23,12 @@ Batching policies:
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 import logging
 import os
-from collections import Counter
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +48,7 @@ from fslsage.algorithms.base import IGNORE_INDEX, Algorithm, Server, State, loss
 from fslsage.algorithms.cse_fsl import UploadServer
 from fslsage.algorithms.fsl_sage import AligningServer, true_cut_gradient
 from fslsage.algorithms.splitfed_v2 import SharedServer
-from fslsage.experiment import evaluate, resolve_device
+from fslsage.experiment import evaluate, evaluation_steps, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +171,8 @@ class SServer:
         # the round attempt whose end this server's state follows (0: the initial state)
         self.state_after = 0
         self.rejected: tuple[int, int] | None = None  # (epoch, after) of a lost-state opening
+        # evaluations begun at openings, run a test batch at a time while no request is ready
+        self.evaluations: deque[tuple[Generator, asyncio.Future]] = deque()
         self._reset_round(epoch=-1)
 
     # -- the actor's methods -------------------------------------------------------------------
@@ -200,12 +203,15 @@ class SServer:
     ) -> tuple[float, float] | None:
         """Opens round attempt `epoch`, which starts from the state attempt `after` ended with
         (0: the initial state, or a checkpoint's); `cids` is the order `exact` serves clients
-        in. Given the global weights the previous round produced, first evaluates them with the
-        server as that round left it — the point the in-process runtime evaluates at — and
-        returns their (test loss, accuracy): the F-Server reads it while this round runs. A
-        server that does not hold that state (restarted) fails the attempt with StateLost."""
+        in. Given the global weights the previous round produced, evaluates them with the server
+        as that round left it — the point the in-process runtime evaluates at — and returns
+        their (test loss, accuracy): the F-Server reads it while this round runs. The opening
+        snapshots the server for that and goes on at once; the evaluation fills the time this
+        actor waits for requests. A server that does not hold that state (restarted) fails the
+        attempt with StateLost."""
         args = (t, epoch, list(cids), after, previous_global)
-        return await self._ask(Request("begin", args=args))
+        evaluation = await self._ask(Request("begin", args=args))
+        return None if evaluation is None else await evaluation
 
     async def end_round(self, t: int, epoch: int) -> dict[str, float]:
         """Answers once every client of round attempt `epoch` is done: the round's server
@@ -268,7 +274,11 @@ class SServer:
     async def _work(self) -> None:
         while True:
             try:
-                await self._accept(await self._next())
+                req = await self._next(timeout=0 if self.evaluations else None)
+                if req is None:  # nothing to serve: a step of the oldest pending evaluation
+                    self._evaluation_step()
+                    continue
+                await self._accept(req)
                 while batch := await self._gather():
                     await self._process(batch)
                 await self._maybe_end_round()
@@ -367,17 +377,12 @@ class SServer:
                 self.rejected = (epoch, after)
                 await self._refile_early()
                 raise self._state_lost()
-            evaluation: Any = None
-            if previous_global is not None:  # before anything of this round touches the server
-                try:
-                    evaluation = await self._compute(self._evaluate, previous_global)
-                except Exception as e:  # noqa: BLE001 - the round still opens; begin's caller sees it
-                    evaluation = e
+            evaluation = None  # snapshotted before anything of this round touches the server
+            if previous_global is not None:
+                evaluation = self._begin_evaluation(previous_global)
             self._abort(f"round attempt {epoch} began")
             self._reset_round(epoch, cids)
             await self._refile_early()
-            if isinstance(evaluation, Exception):
-                raise evaluation
             return evaluation
         if req.kind == "evaluate":
             return await self._compute(self._evaluate, *req.args)
@@ -486,10 +491,43 @@ class SServer:
         return pack(fn(self.server, reqs))
 
     def _evaluate(self, weights: dict[str, State]) -> tuple[float, float]:
+        return evaluate(self._global_model(weights), self.test_x, self.test_y, self.info,
+                        self.cfg.eval_batch_size, self.device)  # fmt: skip
+
+    def _global_model(self, weights: dict[str, State], snapshot: bool = False) -> torch.nn.Module:
+        """The global model to evaluate: `weights` ∘ this server's model, or ∘ a copy of it as
+        it is now (the frozen weights of a LoRA model are shared, not copied)."""
         server_model = self.server.eval_model() if self.server is not None else None
-        model = self.algo.eval_module(weights, server_model, self.device)
-        return evaluate(model, self.test_x, self.test_y, self.info, self.cfg.eval_batch_size,
-                        self.device)  # fmt: skip
+        if snapshot and server_model is not None:
+            frozen = {id(p): p for p in server_model.parameters() if not p.requires_grad}
+            server_model = copy.deepcopy(server_model, frozen)
+        return self.algo.eval_module(weights, server_model, self.device)
+
+    def _begin_evaluation(self, weights: dict[str, State]) -> asyncio.Future:
+        """A future for the evaluation of `weights` with the server as it is now, computed by
+        `_evaluation_step`s; an error in it is the future's."""
+        future = asyncio.get_running_loop().create_future()
+        try:
+            model = self._global_model(weights, snapshot=True)
+        except Exception as e:  # noqa: BLE001 - the round still opens; begin's caller sees it
+            future.set_exception(e)
+            return future
+        steps = evaluation_steps(model, self.test_x, self.test_y, self.info,
+                                 self.cfg.eval_batch_size, self.device)  # fmt: skip
+        self.evaluations.append((steps, future))
+        return future
+
+    def _evaluation_step(self) -> None:
+        """One test batch of the oldest pending evaluation (its result, after the last)."""
+        steps, future = self.evaluations[0]
+        try:
+            next(steps)
+        except StopIteration as finished:
+            self.evaluations.popleft()
+            future.set_result(finished.value)
+        except Exception as e:  # noqa: BLE001 - handed to begin_round's caller
+            self.evaluations.popleft()
+            future.set_exception(e)
 
 
 def _answer(req: Request, result: Any) -> None:

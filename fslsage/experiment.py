@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -80,30 +80,42 @@ def prepare(cfg: Config) -> Prepared:
     return Prepared(cfg, dataset, parts, hist, build_algorithm(cfg, info))
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, info: DatasetInfo,
              batch_size: int, device: torch.device) -> tuple[float, float]:  # fmt: skip
     """Test loss and accuracy (token accuracy for language models, ignoring padding). The model
     goes back to the mode it was in: the server model keeps training after evaluation."""
+    steps = evaluation_steps(model, x, y, info, batch_size, device)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as finished:
+            return finished.value
+
+
+@torch.no_grad()
+def evaluation_steps(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, info: DatasetInfo, batch_size: int,
+    device: torch.device,
+) -> Generator[None, None, tuple[float, float]]:  # fmt: skip
+    """`evaluate`, one test batch per step; returns (loss, accuracy) when exhausted. The S-Server
+    runs the steps in the gaps between its requests."""
     was_training = model.training
     model.eval()
     try:
-        return _evaluate(model, x, y, info, batch_size, device)
+        total_loss, correct, count = 0.0, 0, 0
+        for start in range(0, len(x), batch_size):
+            if start:  # a pause between batches; the last one's step also returns the result
+                yield
+            xb = prepare_inputs(x[start : start + batch_size].to(device), info)
+            yb = y[start : start + batch_size].to(device)
+            logits = model(xb)
+            mask = yb != -100
+            total_loss += loss_fn(logits, yb, reduction="sum").item()
+            correct += ((logits.argmax(-1) == yb) & mask).sum().item()
+            count += mask.sum().item()
+        return total_loss / max(count, 1), correct / max(count, 1)
     finally:
         model.train(was_training)
-
-
-def _evaluate(model, x, y, info, batch_size, device) -> tuple[float, float]:
-    total_loss, correct, count = 0.0, 0, 0
-    for start in range(0, len(x), batch_size):
-        xb = prepare_inputs(x[start : start + batch_size].to(device), info)
-        yb = y[start : start + batch_size].to(device)
-        logits = model(xb)
-        mask = yb != -100
-        total_loss += loss_fn(logits, yb, reduction="sum").item()
-        correct += ((logits.argmax(-1) == yb) & mask).sum().item()
-        count += mask.sum().item()
-    return total_loss / max(count, 1), correct / max(count, 1)
 
 
 @dataclass

@@ -207,9 +207,11 @@ def test_exact_serves_clients_in_id_order(ray_session):
 def test_requests_may_overtake_the_opening_of_their_round(ray_session):
     """The F-Server does not wait for begin_round: requests of a round attempt that has not
     begun wait for it, "done" markers may ride along with a later request, and begin_round
-    evaluates the previous round's global weights before any request of its own round."""
+    evaluates the previous round's global weights with the server as that round left it, while
+    the server already serves its own round (the evaluation fills the gaps between requests)."""
     ray = ray_session
-    prepared, server = start_server("splitfed_v2", "exact")
+    # one test sample per evaluation step: hundreds of steps, the round's request goes first
+    prepared, server = start_server("splitfed_v2", "exact", eval_batch_size=1)
     requests = [smashed(prepared, cid, 8) for cid in (0, 1)]
     weights = prepared.algorithm.initial_global()
     try:
@@ -229,11 +231,12 @@ def test_requests_may_overtake_the_opening_of_their_round(ray_session):
         server.submit.remote(2, 1, 1, "done")
         metrics = ray.get(end)
         as_left = ray.get(server.evaluate.remote(weights))  # the server as round 2 left it
-        # round 3's request arrives first; the opening evaluates before serving it
+        # round 3's request arrives first; the opening snapshots the server before serving it
         next_round = server.submit.remote(3, 0, 0, "exchange", *pack(requests[0]))
         opening = server.begin_round.remote(2, 3, [0, 1], after=2, previous_global=weights)
+        first, _ = ray.wait([opening, next_round], num_returns=1)
+        assert first == [next_round]  # served while the evaluation was still under way
         evaluation = ray.get(opening)
-        ray.get(next_round)
         after_step = ray.get(server.evaluate.remote(weights))
         stats = ray.get(server.stats.remote())
     finally:
