@@ -3,19 +3,20 @@ behind the same start_round / run_round / evaluate / close interface as
 `fslsage.experiment.LocalRuntime`.
 
 Per round the F-Server (this driver loop) opens the round on the S-Server, hands every client
-actor the global weights (one object, put once), gathers the small reports, and has an actor task
-on its aggregator actor average the clients' weights straight from the object store, so weights
-never pass through the driver. A round's calls are all submitted at once and none waits on the
-driver: the S-Server files client requests that overtake the round's opening. Round t + 1 is
-submitted as soon as round t's reports are in (`start_round`): its clients start once round t's
-aggregate exists, and the S-Server evaluates that aggregate as it opens round t + 1 — with the
-server as round t left it, the point the in-process runtime evaluates at — while the driver
-writes round t's metrics. Every `checkpoint_every` rounds it checkpoints the clients, the
-S-Server and the global weights in the object store; if an actor dies, Ray restarts it, every
-role is restored from the checkpoint and the rounds since are re-run (deterministic with
-`exact` batching). An S-Server that Ray restarted between rounds, with no call in flight to
-fail, is caught by the next opening: each names the attempt whose end the server's state must
-follow.
+actor the global weights (one object, put once), gathers the small reports, and has an actor
+task on its aggregator actor average the clients' weights straight from the object store, so
+weights never pass through the driver. A round's calls are all submitted at once and none waits
+on the driver: the S-Server files client requests that overtake the round's opening. Round t + 1
+is submitted as soon as round t's reports are in (`start_round`): its clients start once round
+t's aggregate exists, and the S-Server evaluates that aggregate with the server as round t left
+it — the point the in-process runtime evaluates at: its opening of round t + 1 snapshots the
+server, and the evaluation runs a test batch at a time whenever no request is ready, so it stays
+off round t + 1's critical path — while the driver writes round t's metrics. Every
+`checkpoint_every` rounds it checkpoints the clients, the S-Server and the global weights in the
+object store; if an actor dies, Ray restarts it, every role is restored from the checkpoint and
+the rounds since are re-run (deterministic with `exact` batching). An S-Server that Ray
+restarted between rounds, with no call in flight to fail, is caught by the next opening: each
+names the attempt whose end the server's state must follow.
 """
 
 from __future__ import annotations
@@ -189,8 +190,9 @@ class RayRuntime:
     # -- the Runtime interface ------------------------------------------------------------------
     def start_round(self, t: int) -> None:
         """Submits round t at once: its clients start as soon as round t − 1's aggregate is in,
-        and the S-Server evaluates round t − 1's global model as it opens round t (before any
-        of round t's requests), so `evaluate` reads that while round t already runs."""
+        and the S-Server evaluates round t − 1's global model on a snapshot it takes as it opens
+        round t (before any of round t's requests), so `evaluate` reads that while round t
+        already runs."""
         if self.started is not None:
             if self.started.t != t:
                 raise RuntimeError(f"round {self.started.t} is running; cannot start round {t}")

@@ -5,8 +5,10 @@ marker and the F-Server's control calls — goes into one `asyncio.Queue`, drain
 coroutine, the only code that touches the server role. Requests carry (epoch, client id,
 sequence number): Ray does not keep the order of calls to an async actor, and a restarted round
 must not see stale requests. Requests of a round attempt that has not begun yet wait for its
-`begin_round`, so the F-Server never waits for that call to return; `begin_round` also
-evaluates the previous round's global model, so the next round starts without waiting for it.
+`begin_round`, so the F-Server never waits for that call to return. `begin_round` also
+snapshots the server to evaluate the previous round's global model on: the evaluation runs a
+test batch at a time whenever no request is ready, off the round's critical path (a request
+waits at most one `eval_batch_size` batch).
 
 Batching policies:
   * ``exact``: requests one at a time, all of the lowest-id client still running before any
