@@ -74,17 +74,19 @@ class ClientActor:
             report = run_client_round(self.algo, self.clients[cid], self.shards[cid], t,
                                       weights, send)  # fmt: skip
             finish()
+            if cid == cids[-1]:  # no next client to carry its marker: it goes now
+                self._flush(epoch)
             states.append(_cpu(report.weights))
             report.weights = {}
             reports.append(report)
-        self._flush(epoch)
         return (reports, *states)
 
     def _link(self, epoch: int, cid: int) -> tuple[Send, Callable[[], None]]:
         """`send` for one client's round: numbered S-Server calls (Ray does not keep the order of
         calls to an async actor); uploads go without waiting. `finish` says the round is done:
         the marker rides with this actor's next call (its next client's first request, at most
-        a forward pass later) or goes when the actor's round ends — one call fewer per client.
+        a forward pass later) or goes at once after the actor's last client — one call fewer
+        per client.
         (Holding uploads back the same way delays the S-Server's work, and two activation
         batches in one call outgrow Ray's inline messages: no faster, so they go at once.)"""
         seq = itertools.count()
@@ -103,8 +105,8 @@ class ClientActor:
         return send, finish
 
     def _flush(self, epoch: int) -> None:
-        """Sends the "done" markers still held (the last client's, or of clients that sent
-        nothing)."""
+        """Sends the "done" markers still held (the last client's, with those of clients
+        before it that sent nothing)."""
         if self.held_done:
             (cid, seq), *rest = self.held_done  # their order does not matter: each has its seq
             self.server.submit.remote(epoch, cid, seq, "done", done=rest)
