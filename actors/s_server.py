@@ -8,11 +8,7 @@ must not see stale requests. Requests of a round attempt that has not begun yet 
 `begin_round`, so the F-Server never waits for that call to return. `begin_round` also
 snapshots the server to evaluate the previous round's global model on: the evaluation runs a
 test batch at a time whenever no request is ready, off the round's critical path (a request
-waits at most one `eval_batch_size` batch). Idle time after a round's end goes first to the next
-round's first request when the algorithm says it needs nothing but the server's state (FSL-SAGE's
-alignment, `Algorithm.opening_request`): in `exact` order the first client's comes before
-anything else of that round, so it is computed ahead and its answer kept for the request —
-except after a checkpoint round, whose checkpoint must read the state as the round left it.
+waits at most one `eval_batch_size` batch).
 
 Batching policies:
   * ``exact``: requests one at a time, all of the lowest-id client still running before any
@@ -82,20 +78,6 @@ class Request:
     args: tuple = ()
     future: asyncio.Future | None = None
     arrival: int = 0
-
-
-@dataclass
-class Prefetch:
-    """Round t's first request (`Algorithm.opening_request`) of its first client in exact
-    order, computed before it arrives: right after round t − 1 ends, when the S-Server has
-    nothing else to do. Its answer is kept for the request."""
-
-    t: int
-    cid: int
-    kind: str
-    done: bool = False
-    result: Any = None
-    error: BaseException | None = None
 
 
 # ----------------------------------------------------------------------------- coalesced maths
@@ -193,10 +175,6 @@ class SServer:
         self.rejected: tuple[int, int] | None = None  # (epoch, after) of a lost-state opening
         # evaluations begun at openings, run a test batch at a time while no request is ready
         self.evaluations: deque[tuple[Generator, asyncio.Future]] = deque()
-        self.prefetch: Prefetch | None = None
-        self.settling: list[Request] = []  # settle() calls waiting for the idle work to end
-        self.prefetched = 0
-        self.round_t = 0
         self._reset_round(epoch=-1)
 
     # -- the actor's methods -------------------------------------------------------------------
@@ -253,11 +231,6 @@ class SServer:
         round (its waiting clients get RoundAborted)."""
         await self._ask(Request("load", args=(blob, after)))
 
-    async def settle(self) -> None:
-        """Answers once no work waits for idle time (an evaluation, a request computed ahead):
-        a benchmark that times rounds stops its clock here."""
-        await self._ask(Request("settle"))
-
     async def stats(self) -> dict[str, Any]:
         """How many batches of each size were processed (the batching benchmark and tests)."""
         return await self._ask(Request("stats"))
@@ -303,9 +276,9 @@ class SServer:
     async def _work(self) -> None:
         while True:
             try:
-                req = await self._next(timeout=0 if self._idle_work() else None)
-                if req is None:  # nothing to serve
-                    self._idle_step()
+                req = await self._next(timeout=0 if self.evaluations else None)
+                if req is None:  # nothing to serve: a step of the oldest pending evaluation
+                    self._evaluation_step()
                     continue
                 await self._accept(req)
                 while batch := await self._gather():
@@ -395,8 +368,7 @@ class SServer:
         except Exception as e:  # noqa: BLE001 - handed to the caller
             _fail(req, e)
         else:
-            if result is not _LATER:
-                _answer(req, result)
+            _answer(req, result)
 
     async def _control(self, req: Request) -> Any:
         if req.kind == "begin":
@@ -407,33 +379,18 @@ class SServer:
                 self.rejected = (epoch, after)
                 await self._refile_early()
                 raise self._state_lost()
-            prefetch = self.prefetch
-            if prefetch is not None and (prefetch.t, prefetch.cid) != (t, cids[0]):
-                self.prefetch = None
-                if prefetch.done:  # the state went on to a round that is not this one
-                    self.rejected = (epoch, after)
-                    await self._refile_early()
-                    raise StateLost(f"round {t} opens after round {prefetch.t}'s {prefetch.kind} "
-                                    f"for client {prefetch.cid} was computed ahead")  # fmt: skip
             evaluation = None  # snapshotted before anything of this round touches the server
             if previous_global is not None:
                 evaluation = self._begin_evaluation(previous_global)
             self._abort(f"round attempt {epoch} began")
             self._reset_round(epoch, cids)
-            self.round_t = t
             await self._refile_early()
             return evaluation
         if req.kind == "evaluate":
             return await self._compute(self._evaluate, *req.args)
         if req.kind == "state":
-            if self.prefetch is not None:  # a checkpoint reads the state as the round left it
-                if self.prefetch.done:
-                    raise RuntimeError("checkpoint requested after the next round's first "
-                                       "request was computed ahead")  # fmt: skip
-                self.prefetch = None
             return await self._compute(dumps, self.server)
         if req.kind == "load":
-            self.prefetch = None
             self._abort("state restored from a checkpoint")
             early, self.early = self.early, []
             for r in early:  # attempts the F-Server abandoned before they began here
@@ -443,13 +400,8 @@ class SServer:
             self.rejected = None
             self.server = await self._compute(loads, blob, self.device)
             return None
-        if req.kind == "settle":
-            if self._idle_work():
-                self.settling.append(req)
-                return _LATER
-            return None
         if req.kind == "stats":
-            return {"batch_sizes": dict(self.batch_sizes), "prefetched": self.prefetched}
+            return {"batch_sizes": dict(self.batch_sizes)}
         raise ValueError(f"unknown request kind {req.kind!r}")
 
     async def _gather(self) -> list[Request]:
@@ -515,40 +467,6 @@ class SServer:
             _fail(req, e)
         else:
             _answer(req, metrics)
-            self._plan_prefetch(t)
-
-    def _plan_prefetch(self, ended: int) -> None:
-        """After round `ended`, the next round's first request is computed ahead if it needs
-        nothing but the server's state and is served first (exact order) — unless the F-Server
-        checkpoints now: the checkpoint must read the state as the round left it."""
-        t, cfg = ended + 1, self.cfg
-        kind = self.algo.opening_request(t)
-        checkpoint = cfg.checkpoint_every and ended % cfg.checkpoint_every == 0
-        if kind is None or checkpoint or self.batching != "exact" or not self.order:
-            return
-        if t <= cfg.rounds:
-            self.prefetch = Prefetch(t, self.order[0], kind)
-
-    def _idle_work(self) -> bool:
-        return bool(self.evaluations) or (self.prefetch is not None and not self.prefetch.done)
-
-    def _idle_step(self) -> None:
-        """Work for when no request is ready: the next round's first request (on that round's
-        critical path), else a test batch of the oldest pending evaluation."""
-        prefetch = self.prefetch
-        if prefetch is None or prefetch.done:
-            self._evaluation_step()
-        else:
-            try:
-                prefetch.result = self._run_handler(prefetch.kind, prefetch.cid, ())
-            except Exception as e:  # noqa: BLE001 - the request gets it
-                prefetch.error = e
-            prefetch.done = True
-            self.prefetched += 1
-        if not self._idle_work():
-            settling, self.settling = self.settling, []
-            for req in settling:
-                _answer(req, None)
 
     async def _refile_early(self) -> None:
         """Files the requests that came before their round's opening, now that one opened (or
@@ -566,20 +484,8 @@ class SServer:
 
     # -- on the compute thread -----------------------------------------------------------------
     def _run_one(self, req: Request) -> Any:
-        prefetch, self.prefetch = self.prefetch, None  # a round's first served request ends it
-        if prefetch is not None and prefetch.done:
-            if (prefetch.t, prefetch.cid, prefetch.kind, 0) != (self.round_t, req.cid, req.kind,
-                                                                req.seq):  # fmt: skip
-                raise StateLost(f"round {self.round_t} first serves client {req.cid}'s "
-                                f"{req.kind}, not the {prefetch.kind} computed ahead")  # fmt: skip
-            if prefetch.error is not None:
-                raise prefetch.error
-            return prefetch.result
-        return self._run_handler(req.kind, req.cid, req.args)
-
-    def _run_handler(self, kind: str, cid: int, args: tuple) -> Any:
-        handler = getattr(self.server, f"on_{kind}")
-        return pack(handler(cid, *unpack(args, self.device)))
+        handler = getattr(self.server, f"on_{req.kind}")
+        return pack(handler(req.cid, *unpack(req.args, self.device)))
 
     def _run_batch(self, fn: Callable, reqs: list[Request]) -> list[Any]:
         for r in reqs:
@@ -624,9 +530,6 @@ class SServer:
         except Exception as e:  # noqa: BLE001 - handed to begin_round's caller
             self.evaluations.popleft()
             future.set_exception(e)
-
-
-_LATER = object()  # a control request's answer comes later
 
 
 def _answer(req: Request, result: Any) -> None:

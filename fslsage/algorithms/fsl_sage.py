@@ -151,9 +151,6 @@ class FSLSAGE(Algorithm):
             losses.append(aux_loss.detach())
         return torch.stack(losses).mean()
 
-    def opening_request(self, t: int) -> str | None:
-        return "align" if t % self.cfg.align_interval == 0 else None  # as train_round asks
-
     def planned_batch_traffic(self, t: int, batch_sizes: list[int], sizes: TrafficSizes):
         out = exchange_traffic(uploads(batch_sizes, self.cfg.server_update_interval), sizes,
                                gradients=False)  # fmt: skip
