@@ -44,7 +44,8 @@ class Config:
     rounds: int = 10
     local_epochs: int = 1
     batch_size: int = 256
-    # the S-Server evaluates a batch at a time between requests: a request waits at most one
+    # the S-Server evaluates one such batch at a time between requests: a request never waits
+    # behind more than one
     eval_batch_size: int = 128
     optimizer: Literal["adam", "sgd"] = "adam"
     lr: float = 1e-3
