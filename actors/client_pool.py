@@ -83,24 +83,32 @@ class ClientActor:
 
     def _link(self, epoch: int, cid: int) -> tuple[Send, Callable[[], None]]:
         """`send` for one client's round: numbered S-Server calls (Ray does not keep the order of
-        calls to an async actor); uploads go without waiting. `finish` says the round is done:
-        the marker rides with this actor's next call (its next client's first request, at most
-        a forward pass later) or goes at once after the actor's last client — one call fewer
-        per client.
+        calls to an async actor); uploads go without waiting. The round's "done" marker rides
+        with the client's last request when the transport knows it (`last`): the S-Server turns
+        to the next client while this one still finishes its round. Otherwise `finish` says the
+        round is done: the marker rides with this actor's next call (its next client's first
+        request, at most a forward pass later) or goes at once after the actor's last client —
+        one call fewer per client either way.
         (Holding uploads back the same way delays the S-Server's work, and two activation
         batches in one call outgrow Ray's inline messages: no faster, so they go at once.)"""
         seq = itertools.count()
+        marked = False
 
-        def send(method: str, cid_: int, *args: Any) -> Any:
+        def send(method: str, cid_: int, *args: Any, last: bool = False) -> Any:
+            nonlocal marked
             done, self.held_done = self.held_done, []
-            ref = self.server.submit.remote(epoch, cid_, next(seq), method, *pack(args),
-                                            done=done)  # fmt: skip
+            n = next(seq)
+            if last:
+                done.append((cid, next(seq)))
+                marked = True
+            ref = self.server.submit.remote(epoch, cid_, n, method, *pack(args), done=done)
             if method == "upload":
                 return None
             return unpack(ray.get(ref), self.device)
 
         def finish() -> None:
-            self.held_done.append((cid, next(seq)))
+            if not marked:
+                self.held_done.append((cid, next(seq)))
 
         return send, finish
 

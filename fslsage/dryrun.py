@@ -9,19 +9,13 @@ import torch
 
 from fslsage.algorithms.base import TrafficSizes
 from fslsage.config import Config
-from fslsage.data import client_sizes, describe_dataset
+from fslsage.data import client_sizes, describe_dataset, local_batch_sizes
 from fslsage.data.base import CLASSIFICATION
 from fslsage.experiment import build_algorithm
 from fslsage.ledger import Ledger
 from fslsage.models import cut_shape, state_bytes
 
 LABEL_BYTES = torch.empty((), dtype=torch.int64).element_size()
-
-
-def local_batch_sizes(num_samples: int, batch_size: int, epochs: int) -> list[int]:
-    """Batch size of every local iteration k of a round (the last batch of an epoch is partial)."""
-    full, rest = divmod(num_samples, batch_size)
-    return ([batch_size] * full + ([rest] if rest else [])) * epochs
 
 
 def traffic_sizes(cfg: Config) -> TrafficSizes:

@@ -9,19 +9,40 @@ from typing import Any
 from torch import Tensor
 
 from fslsage.algorithms.base import Algorithm, Client, ClientReport, State, clone_state
+from fslsage.data import local_batch_sizes
 from fslsage.ledger import Ledger, state_bytes, tensor_bytes
 from fslsage.models import communicated_state
 
-# send(method, client_id, *args): delivers one request to the S-Server, returns its answer.
+# send(method, client_id, *args, last=False): delivers one request to the S-Server, returns its
+# answer; `last`: the client's last request of the round (the S-Server need not wait for more).
 Send = Callable[..., Any]
 
 
 class RecordingLink:
     """A `ServerLink` that books every transfer in the client's round ledger (SPEC §3) and hands
-    the request to `send`, which is a method call in-process or an actor call on Ray."""
+    the request to `send`, which is a method call in-process or an actor call on Ray. Given the
+    number of requests the algorithm declares for the round (`Algorithm.server_requests`), it
+    marks the last one and holds the algorithm to that count."""
 
-    def __init__(self, cid: int, t: int, ledger: Ledger, send: Send):
+    def __init__(self, cid: int, t: int, ledger: Ledger, send: Send, expected: int | None = None):
         self.cid, self.t, self.ledger, self.send = cid, t, ledger, send
+        self.expected, self.sent = expected, 0
+
+    def _request(self, method: str, *args: Any) -> Any:
+        self.sent += 1
+        if self.expected is not None and self.sent > self.expected:
+            raise self._miscount()
+        return self.send(method, self.cid, *args, last=self.sent == self.expected)
+
+    def close(self) -> None:
+        """The round's work is done: it made exactly the requests declared."""
+        if self.expected is not None and self.sent != self.expected:
+            raise self._miscount()
+
+    def _miscount(self) -> RuntimeError:
+        return RuntimeError(f"client {self.cid} made {self.sent}+ S-Server requests in round "
+                            f"{self.t}, but its algorithm's server_requests() declared "
+                            f"{self.expected}")  # fmt: skip
 
     def _book(self, kind: str, direction: str, nbytes: int) -> None:
         self.ledger.record(self.t, self.cid, kind, direction, nbytes)
@@ -32,23 +53,23 @@ class RecordingLink:
 
     def upload(self, z: Tensor, y: Tensor) -> None:
         self._book_upload(z, y)
-        self.send("upload", self.cid, z, y)
+        self._request("upload", z, y)
 
     def exchange(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         self._book_upload(z, y)
-        grad, loss = self.send("exchange", self.cid, z, y)
+        grad, loss = self._request("exchange", z, y)
         self._book("gradients", "down", tensor_bytes(grad))
         return grad, loss
 
     def aligned_aux(self) -> State:
-        state = self.send("align", self.cid)
+        state = self._request("align")
         self._book("aux_model", "down", state_bytes(state))
         return state
 
 
 def local_send(server) -> Send:
     """In-process delivery: call the S-Server role's handler directly."""
-    return lambda method, cid, *args: getattr(server, f"on_{method}")(cid, *args)
+    return lambda method, cid, *args, last=False: getattr(server, f"on_{method}")(cid, *args)
 
 
 def run_client_round(
@@ -61,8 +82,13 @@ def run_client_round(
         ledger.record(t, client.cid, part, "down", state_bytes(state))
     for module in client.parts.values():
         module.train()
-    batches = shard.batches(algo.cfg.batch_size, algo.cfg.local_epochs, client.generator)
-    loss = algo.train_round(client, batches, RecordingLink(client.cid, t, ledger, send), t)
+    cfg = algo.cfg
+    batches = shard.batches(cfg.batch_size, cfg.local_epochs, client.generator)
+    expected = algo.server_requests(t, local_batch_sizes(len(shard), cfg.batch_size,
+                                                         cfg.local_epochs))  # fmt: skip
+    link = RecordingLink(client.cid, t, ledger, send, expected)
+    loss = algo.train_round(client, batches, link, t)
+    link.close()
     weights = {p: clone_state(communicated_state(client.parts[p])) for p in algo.federated_parts}
     for part, state in weights.items():
         ledger.record(t, client.cid, part, "up", state_bytes(state))

@@ -10,6 +10,7 @@ from helpers import demo_config
 from fslsage.algorithms import ALGORITHMS
 from fslsage.algorithms.base import loss_fn, weighted_average
 from fslsage.algorithms.splitfed_v1 import PerClientServer
+from fslsage.data import local_batch_sizes
 from fslsage.experiment import LocalRuntime, prepare, run_experiment
 from fslsage.ledger import Ledger
 from fslsage.transport import run_client_round
@@ -30,10 +31,11 @@ class SpyServer:
     """Delivers requests to the real S-Server role and counts them by method."""
 
     def __init__(self, server):
-        self.server, self.calls = server, []
+        self.server, self.calls, self.lasts = server, [], []
 
-    def __call__(self, method, cid, *args):
+    def __call__(self, method, cid, *args, last=False):
         self.calls.append(method)
+        self.lasts.append(last)
         return getattr(self.server, f"on_{method}")(cid, *args)
 
 
@@ -43,6 +45,35 @@ def run_one_client(runtime: LocalRuntime, t: int, cid: int = 0):
     report = run_client_round(runtime.algo, client, runtime.shards[cid], t,
                               runtime.global_weights, spy)  # fmt: skip
     return spy, report
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS.names())
+def test_declared_server_requests_are_made_and_the_last_is_marked(algorithm):
+    """`server_requests` is what a client really sends (two epochs, a partial last batch, an
+    alignment round and a round without), and only the last request says so."""
+    cfg = demo_config(algorithm=algorithm, local_epochs=2, batch_size=50,
+                      server_update_interval=3, align_interval=2)  # fmt: skip
+    runtime = LocalRuntime(prepare(cfg))
+    for t in (1, 2):
+        spy, _ = run_one_client(runtime, t)
+        sizes = local_batch_sizes(len(runtime.shards[0]), 50, 2)
+        assert sizes[-1] < 50 and len(sizes) > 4
+        assert len(spy.calls) == runtime.algo.server_requests(t, sizes)
+        assert spy.lasts == [False] * (len(spy.calls) - 1) + [True] * bool(spy.calls)
+        if algorithm == "fsl_sage":
+            assert (spy.calls[0] == "align") == (t == 2)
+
+
+@pytest.mark.parametrize("error", [-1, +1])
+def test_a_round_that_breaks_its_declared_request_count_fails(error):
+    """A wrong count would let the S-Server close the client's round too early (more requests
+    than declared) or never mark it (fewer): both stop the round with a clear error."""
+    cfg = demo_config(algorithm="cse_fsl")
+    runtime = LocalRuntime(prepare(cfg))
+    declared = runtime.algo.server_requests
+    runtime.algo.server_requests = lambda t, sizes: declared(t, sizes) + error
+    with pytest.raises(RuntimeError, match=r"server_requests\(\) declared"):
+        run_one_client(runtime, t=1)
 
 
 def test_fsl_sage_client_steps_on_the_aux_estimate_never_the_server_gradient():

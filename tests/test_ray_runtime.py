@@ -17,7 +17,7 @@ import pytest
 import torch
 from helpers import ROOT, demo_config
 
-from actors.client_pool import owned_clients
+from actors.client_pool import ClientActor, owned_clients
 from actors.common import DataBundle, loads, pack, unpack
 from actors.runtime import RayRuntime, RemoteSServer
 from fslsage.algorithms.base import cut_gradient, loss_fn, server_step
@@ -202,6 +202,41 @@ def test_exact_serves_clients_in_id_order(ray_session):
     for (grad, loss), (ref_grad, ref_loss) in zip(answers, expected, strict=True):
         assert torch.equal(grad, ref_grad) and torch.equal(loss, ref_loss)
     assert stats["batch_sizes"] == {1: 4}
+
+
+class RecordingServerHandle:
+    """Stands in for the S-Server's actor handle: `submit.remote(...)` records the call."""
+
+    def __init__(self):
+        self.calls: list[tuple[int, int, str, list]] = []  # (cid, seq, kind, done markers)
+        self.submit = self
+
+    def remote(self, epoch, cid, seq, kind, *args, done=()):
+        self.calls.append((cid, seq, kind, list(done)))
+
+
+@pytest.mark.parametrize("declared", [True, False])
+def test_a_client_actor_sends_its_done_marker_with_the_last_request(declared):
+    """With the request count known, each client's "done" rides with its own last upload, so
+    the S-Server can serve the next client while this one finishes; without it, the marker
+    rides with the actor's next call and the last client's goes alone."""
+    prepared = prepare(demo_config(algorithm="cse_fsl", num_clients=4))
+    algo = prepared.algorithm
+    if not declared:
+        algo.server_requests = lambda t, sizes: None
+    handle = RecordingServerHandle()
+    actor = ClientActor(algo, DataBundle.of(prepared), [0, 2], handle)
+    actor.run_round(1, 7, algo.initial_global(), [0, 2])
+    uploads = {cid: [c for c in handle.calls if c[:1] == (cid,) and c[2] == "upload"]
+               for cid in (0, 2)}  # fmt: skip
+    n = len(uploads[0])
+    assert n >= 2 and [c[1] for c in uploads[0]] == list(range(n))
+    markers = [(c[0], c[1], c[3]) for c in handle.calls if c[3] or c[2] == "done"]
+    if declared:
+        assert markers == [(0, n - 1, [(0, n)]), (2, len(uploads[2]) - 1, [(2, len(uploads[2]))])]
+    else:
+        assert markers == [(2, 0, [(0, n)]), (2, len(uploads[2]), [])]
+        assert handle.calls[-1][2] == "done"
 
 
 def test_requests_may_overtake_the_opening_of_their_round(ray_session):

@@ -224,6 +224,13 @@ class Algorithm:
         """Client *i*'s work in round *t*; returns its mean training loss."""
         raise NotImplementedError
 
+    def server_requests(self, t: int, batch_sizes: list[int]) -> int | None:
+        """How many S-Server requests (uploads, exchanges, alignments) `train_round` makes in
+        round *t* with these local-iteration batch sizes; None if that is not known ahead. The
+        transport marks the last one, so the S-Server can turn to the next client as soon as it
+        has served it, while this client finishes its round (a wrong count is an error)."""
+        return None
+
     def aggregate(self, reports: list[ClientReport]) -> dict[str, State]:
         """F-Server: sample-weighted average of every federated part."""
         weights = [r.num_samples for r in reports]
@@ -268,6 +275,10 @@ def clone_state(state: Mapping[str, Tensor]) -> State:
 def uploads(batch_sizes: list[int], q: int) -> Iterator[int]:
     """Batch sizes of the local iterations k with k % q == 0 (when smashed data goes up)."""
     return (b for k, b in enumerate(batch_sizes) if k % q == 0)
+
+
+def upload_count(batch_sizes: list[int], q: int) -> int:
+    return sum(1 for _ in uploads(batch_sizes, q))
 
 
 def exchange_traffic(

@@ -17,6 +17,7 @@ from fslsage.algorithms.base import (
     exchange_traffic,
     loss_fn,
     server_step,
+    upload_count,
     uploads,
 )
 
@@ -52,6 +53,9 @@ class CSEFSL(Algorithm):
             aux_opt.step()
             losses.append(loss.detach())
         return torch.stack(losses).mean()
+
+    def server_requests(self, t: int, batch_sizes: list[int]) -> int:
+        return upload_count(batch_sizes, self.cfg.server_update_interval)
 
     def planned_batch_traffic(self, t: int, batch_sizes: list[int], sizes: TrafficSizes):
         return exchange_traffic(uploads(batch_sizes, self.cfg.server_update_interval), sizes,

@@ -30,6 +30,9 @@ class FedAvg(Algorithm):
             losses.append(loss.detach())
         return torch.stack(losses).mean()
 
+    def server_requests(self, t: int, batch_sizes: list[int]) -> int:
+        return 0
+
     def eval_module(self, global_weights, server_model, device) -> nn.Module:
         model = self.client_modules()["client_model"].to(device)
         model.load_state_dict(global_weights["client_model"], strict=False)

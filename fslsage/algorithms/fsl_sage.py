@@ -39,6 +39,7 @@ from fslsage.algorithms.base import (
     exchange_traffic,
     loss_fn,
     make_optimizer,
+    upload_count,
     uploads,
 )
 from fslsage.algorithms.cse_fsl import UploadServer
@@ -150,6 +151,10 @@ class FSLSAGE(Algorithm):
             opt.step()
             losses.append(aux_loss.detach())
         return torch.stack(losses).mean()
+
+    def server_requests(self, t: int, batch_sizes: list[int]) -> int:
+        aligns = t % self.cfg.align_interval == 0
+        return upload_count(batch_sizes, self.cfg.server_update_interval) + aligns
 
     def planned_batch_traffic(self, t: int, batch_sizes: list[int], sizes: TrafficSizes):
         out = exchange_traffic(uploads(batch_sizes, self.cfg.server_update_interval), sizes,

@@ -32,5 +32,8 @@ class SplitFedV2(Algorithm):
     def train_round(self, client: Client, batches: Batches, server: ServerLink, t: int):
         return train_with_server_gradients(client, batches, server)
 
+    def server_requests(self, t: int, batch_sizes: list[int]) -> int:
+        return len(batch_sizes)  # one exchange per batch
+
     def planned_batch_traffic(self, t: int, batch_sizes: list[int], sizes: TrafficSizes):
         return exchange_traffic(batch_sizes, sizes, gradients=True)

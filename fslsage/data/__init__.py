@@ -19,7 +19,13 @@ from fslsage.data.base import (
 )
 from fslsage.data.partition import client_sizes, label_histogram, partition
 from fslsage.data.registries import DATASETS, PARTITIONS
-from fslsage.data.shard import ClientShard, num_batches, prepare_inputs, random_crop_flip
+from fslsage.data.shard import (
+    ClientShard,
+    local_batch_sizes,
+    num_batches,
+    prepare_inputs,
+    random_crop_flip,
+)
 
 __all__ = [
     "CLASSIFICATION",
@@ -35,6 +41,7 @@ __all__ = [
     "describe_dataset",
     "label_histogram",
     "load_dataset",
+    "local_batch_sizes",
     "num_batches",
     "partition",
     "prepare_inputs",

@@ -20,6 +20,13 @@ def num_batches(n: int, batch_size: int) -> int:
     return math.ceil(n / batch_size)
 
 
+def local_batch_sizes(num_samples: int, batch_size: int, epochs: int) -> list[int]:
+    """Batch size of every local iteration k of a round (the last batch of an epoch is partial),
+    as `ClientShard.batches` yields them."""
+    full, rest = divmod(num_samples, batch_size)
+    return ([batch_size] * full + ([rest] if rest else [])) * epochs
+
+
 def _is_image(x: torch.Tensor, info: DatasetInfo) -> bool:
     return len(info.mean) > 0 and x.dim() == 4
 
