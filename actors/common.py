@@ -49,25 +49,30 @@ class SharedArray:
 @dataclass(frozen=True)
 class DataBundle:
     """The dataset in the object store: `ray.put` stores it once per node and every actor on
-    that node views the arrays zero-copy in shared memory."""
+    that node views the arrays zero-copy in shared memory. The training samples are stored
+    client after client, each client's in its shard's order, so a shard is a slice: a view, not
+    a copy, of the shared memory."""
 
     info: DatasetInfo
-    train_x: SharedArray
+    train_x: SharedArray  # the shards, concatenated in client order
     train_y: SharedArray
     test_x: SharedArray
     test_y: SharedArray
-    client_indices: tuple[np.ndarray, ...]
+    offsets: tuple[int, ...]  # client c's samples are rows offsets[c] : offsets[c + 1]
 
     @classmethod
     def of(cls, prepared: Prepared) -> DataBundle:
         ds = prepared.dataset
-        arrays = (SharedArray.of(t) for t in (ds.train_x, ds.train_y, ds.test_x, ds.test_y))
-        return cls(ds.info, *arrays, tuple(prepared.client_indices))
+        order = torch.as_tensor(np.concatenate(prepared.client_indices), dtype=torch.long)
+        offsets = np.cumsum([0, *(len(i) for i in prepared.client_indices)])
+        arrays = (ds.train_x[order], ds.train_y[order], ds.test_x, ds.test_y)
+        return cls(ds.info, *(SharedArray.of(t) for t in arrays), tuple(map(int, offsets)))
 
     def shard(self, cid: int, device: torch.device) -> ClientShard:
-        """Client `cid`'s samples, gathered exactly as `Prepared.shard` does (copies the shard)."""
-        idx = torch.tensor(self.client_indices[cid])  # the stored array is read-only
-        return ClientShard(self.train_x.tensor()[idx], self.train_y.tensor()[idx], self.info,
+        """Client `cid`'s samples, in the order `Prepared.shard` gathers them: on the CPU, a
+        read-only view of the shared memory (the shard only ever reads them)."""
+        rows = slice(self.offsets[cid], self.offsets[cid + 1])
+        return ClientShard(self.train_x.tensor()[rows], self.train_y.tensor()[rows], self.info,
                            device)  # fmt: skip
 
     def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -157,6 +158,28 @@ def test_100_virtual_clients_run_on_4_actors(ray_session, tmp_path):
     ray_df, owned = run_ray(cfg, tmp_path / "ray", before=lambda runtime: runtime.owned)
     assert [len(cids) for cids in owned] == [25] * 4
     assert_same_metrics(run_local(cfg, tmp_path / "local"), ray_df)
+
+
+def test_client_shards_are_views_of_the_dataset_in_the_object_store(ray_session):
+    """The dataset is put in the object store once; in a worker, each shard is a slice of that
+    shared memory (no copy), holding exactly the samples `Prepared.shard` gathers, in order."""
+    ray = ray_session
+    prepared = prepare(demo_config())
+
+    @ray.remote(num_cpus=0)
+    def shards(bundle: DataBundle):
+        views = [bundle.shard(cid, torch.device("cpu")) for cid in range(len(bundle.offsets) - 1)]
+        shared = [np.shares_memory(v.x.numpy(), bundle.train_x.memory) and
+                  np.shares_memory(v.y.numpy(), bundle.train_y.memory) for v in views]  # fmt: skip
+        stored = not bundle.train_x.memory.flags.writeable  # deserialised from the store
+        return shared, stored, [(v.x.clone(), v.y.clone()) for v in views]
+
+    shared, stored, data = ray.get(shards.remote(ray.put(DataBundle.of(prepared))))
+    assert stored and all(shared) and len(shared) == 8
+    for cid, (x, y) in enumerate(data):
+        reference = prepared.shard(cid, torch.device("cpu"))
+        assert torch.equal(x, reference.x) and torch.equal(y, reference.y)
+        assert x.stride() == reference.x.stride()
 
 
 # ----------------------------------------------------------------------------- the S-Server
