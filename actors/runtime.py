@@ -27,7 +27,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
@@ -40,6 +40,7 @@ from fslsage.config import Config, ConfigError
 from fslsage.experiment import Prepared, RoundOutcome
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 MAX_RESTARTS = 3  # per actor, by Ray
 MAX_RECOVERIES = 3  # per round, by the F-Server
@@ -200,22 +201,7 @@ class RayRuntime:
         self.started = self._submit(t, evaluate_previous=True)
 
     def run_round(self, t: int) -> RoundOutcome:
-        for attempt in range(MAX_RECOVERIES + 1):
-            try:
-                if self.started is None:
-                    self.started = self._submit(t)
-                elif self.started.t != t:
-                    raise RuntimeError(f"round {self.started.t} is running, not round {t}")
-                outcome = self._finish(self.started)
-                break
-            except (RayActorError, StateLost) as e:
-                self.started = None
-                if self.checkpoint is None or attempt == MAX_RECOVERIES:
-                    raise
-                log.warning("round %d: an actor died or lost its state (%s); restoring round "
-                            "%d's checkpoint",
-                            t, type(e).__name__, self.checkpoint.t)  # fmt: skip
-                self._recover(t)
+        outcome = self._recovering(t, lambda: self._finish(self._started(t)))
         if self.cfg.checkpoint_every and t % self.cfg.checkpoint_every == 0:
             self._checkpoint(t)
         return outcome
@@ -225,17 +211,15 @@ class RayRuntime:
             return self.evaluation[1]
         started = self.started
         if started is not None and started.previous_global == self.global_ref:
-            try:  # taken by the S-Server as it opened the next round
-                result = ray.get(started.opening)
-            except (RayActorError, StateLost):  # the S-Server died: back to this round, again
-                if self.checkpoint is None:
-                    raise
-                self.started = None
-                self._recover(started.t)
-                result = ray.get(self.server.evaluate.remote(self.global_ref))
+
+            def opening_or_direct() -> tuple[float, float]:
+                if self.started is started:  # taken by the S-Server as it opened the next round
+                    return ray.get(started.opening)
+                return ray.get(self.server.evaluate.remote(self.global_ref))  # after a recovery
+
+            loss, acc = self._recovering(started.t, opening_or_direct)
         else:
-            result = ray.get(self.server.evaluate.remote(self.global_ref))
-        loss, acc = result
+            loss, acc = ray.get(self.server.evaluate.remote(self.global_ref))
         self.evaluation = (self.global_ref, (loss, acc))
         return loss, acc
 
@@ -246,6 +230,14 @@ class RayRuntime:
             ray.shutdown()
 
     # -- one round --------------------------------------------------------------------------------
+    def _started(self, t: int) -> StartedRound:
+        """Round t's calls: those `start_round` submitted, or submitted now."""
+        if self.started is None:
+            self.started = self._submit(t)
+        elif self.started.t != t:
+            raise RuntimeError(f"round {self.started.t} is running, not round {t}")
+        return self.started
+
     def _submit(self, t: int, evaluate_previous: bool = False) -> StartedRound:
         """Every call of round t, none awaited: the client actors' first (they are the round's
         critical path), then the aggregation, the S-Server's opening (with the global model to
@@ -286,6 +278,23 @@ class RayRuntime:
         return RoundOutcome.from_reports(reports, server_metrics)
 
     # -- checkpoints and recovery -----------------------------------------------------------------
+    def _recovering(self, t: int, attempt: Callable[[], T]) -> T:
+        """`attempt()`; if an actor died or lost its state meanwhile, every role goes back to
+        the last checkpoint, the rounds before t run again and `attempt()` is tried again."""
+        recoveries = 0
+        while True:
+            try:
+                return attempt()
+            except (RayActorError, StateLost) as e:
+                self.started = None
+                if self.checkpoint is None or recoveries == MAX_RECOVERIES:
+                    raise
+                log.warning("round %d: an actor died or lost its state (%s); restoring round "
+                            "%d's checkpoint",
+                            t, type(e).__name__, self.checkpoint.t)  # fmt: skip
+                self._recover(t)
+                recoveries += 1
+
     def _checkpoint(self, t: int) -> None:
         server = self.server.state.remote()
         clients = [a.state.remote() for a in self.client_actors]

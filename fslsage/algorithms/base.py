@@ -6,6 +6,8 @@ An algorithm is three small pieces of maths:
     whether the server is an object in this process or a Ray actor;
   * its S-Server class (`Server`) — what the S-Server does with each request;
   * `aggregate(reports)` — what the F-Server does at round end.
+Two declarations go with them: `planned_batch_traffic` (the dry-run ledger) and
+`server_requests` (how many requests a client's round makes, so a runtime knows its last one).
 Transport, byte accounting and scheduling live in `fslsage.transport` and the runtimes.
 """
 
