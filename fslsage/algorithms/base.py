@@ -280,6 +280,7 @@ def uploads(batch_sizes: list[int], q: int) -> Iterator[int]:
 
 
 def upload_count(batch_sizes: list[int], q: int) -> int:
+    """How many local iterations send smashed data up."""
     return sum(1 for _ in uploads(batch_sizes, q))
 
 
