@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fslsage.algorithms import ALGORITHMS
-from fslsage.algorithms.base import Algorithm, ClientReport, State, loss_fn
+from fslsage.algorithms.base import IGNORE_INDEX, Algorithm, ClientReport, State, loss_fn
 from fslsage.config import Config
 from fslsage.data import ClientShard, label_histogram, load_dataset, partition, prepare_inputs
 from fslsage.data.base import CLASSIFICATION, Dataset, DatasetInfo
@@ -109,7 +109,7 @@ def evaluation_steps(
             xb = prepare_inputs(x[start : start + batch_size].to(device), info)
             yb = y[start : start + batch_size].to(device)
             logits = model(xb)
-            mask = yb != -100
+            mask = yb != IGNORE_INDEX
             total_loss += loss_fn(logits, yb, reduction="sum").item()
             correct += ((logits.argmax(-1) == yb) & mask).sum().item()
             count += mask.sum().item()

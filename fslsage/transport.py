@@ -31,18 +31,19 @@ class RecordingLink:
     def _request(self, method: str, *args: Any) -> Any:
         self.sent += 1
         if self.expected is not None and self.sent > self.expected:
-            raise self._miscount()
+            raise self._miscount(f"more than {self.expected}")
         return self.send(method, self.cid, *args, last=self.sent == self.expected)
 
     def close(self) -> None:
         """The round's work is done: it made exactly the requests declared."""
         if self.expected is not None and self.sent != self.expected:
-            raise self._miscount()
+            raise self._miscount(str(self.sent))
 
-    def _miscount(self) -> RuntimeError:
-        return RuntimeError(f"client {self.cid} made {self.sent}+ S-Server requests in round "
-                            f"{self.t}, but its algorithm's server_requests() declared "
-                            f"{self.expected}")  # fmt: skip
+    def _miscount(self, made: str) -> RuntimeError:
+        return RuntimeError(
+            f"client {self.cid} made {made} S-Server requests in round {self.t}, "
+            f"but its algorithm's server_requests() declared {self.expected}"
+        )
 
     def _book(self, kind: str, direction: str, nbytes: int) -> None:
         self.ledger.record(self.t, self.cid, kind, direction, nbytes)
