@@ -16,6 +16,7 @@ import ray
 import torch
 
 from actors.common import (
+    CoreClaim,
     DataBundle,
     assigned_resources,
     cap_cuda_memory,
@@ -46,7 +47,9 @@ class ClientActor:
         server: Any,
         gpu_fraction: float = 0.0,
         threads: int = 1,
+        pinned_cores: int = 0,
     ):
+        self.cores = CoreClaim(pinned_cores)  # first: torch's threads inherit the pinning
         torch.set_num_threads(threads)
         self.algo, self.server = algo, server
         self.device = resolve_device(algo.cfg)

@@ -4,7 +4,10 @@ objects for checkpoints."""
 
 from __future__ import annotations
 
+import fcntl
 import io
+import os
+import tempfile
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -80,6 +83,54 @@ class DataBundle:
         return self.test_x.tensor(), self.test_y.tensor()
 
 
+class CoreClaim:
+    """Cores of this node that one actor's compute thread has to itself: an exclusive advisory
+    lock per core, held as long as this object (or the process) lives. Actors of every run and
+    trial on the node claim through the same lock files, so no two share a core.
+
+    Why: Ray schedules CPUs logically and leaves every process free to migrate. With the
+    S-Server on the same cores (it reserves no CPU), the kernel moved the client actors between
+    the 2 cores of the dev machine many times a round, and each move costs the actor its warm
+    caches: pinned, the demo ran about 5% faster (bench/RESULTS.md, session 6)."""
+
+    def __init__(self, count: int, lock_dir: str | None = None):
+        """Claims `count` free cores among those this thread may run on and pins the calling
+        thread (and threads it starts later, e.g. torch's) to them; claims nothing when fewer
+        are free, or `count` is 0, and then the thread stays free to move."""
+        self.cores: frozenset[int] = frozenset()
+        self._locks: list[Any] = []
+        if count < 1:
+            return
+        lock_dir = lock_dir or os.path.join(tempfile.gettempdir(), "fslsage-cores")
+        os.makedirs(lock_dir, exist_ok=True)
+        claimed: dict[int, Any] = {}
+        for core in sorted(os.sched_getaffinity(0)):
+            try:
+                lock = open(os.path.join(lock_dir, f"core-{core}.lock"), "a")  # noqa: SIM115
+            except OSError:  # e.g. another user's lock file
+                continue
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:  # another actor's core
+                lock.close()
+                continue
+            claimed[core] = lock
+            if len(claimed) == count:
+                break
+        self._locks = list(claimed.values())
+        if len(claimed) < count:
+            self.release()
+            return
+        os.sched_setaffinity(0, claimed)  # 0: the calling thread
+        self.cores = frozenset(claimed)
+
+    def release(self) -> None:
+        """Frees the cores for other actors (the thread stays where it is)."""
+        for lock in self._locks:
+            lock.close()
+        self._locks, self.cores = [], frozenset()
+
+
 def cap_cuda_memory(device: torch.device, gpu_fraction: float) -> None:
     """An actor with a fractional GPU keeps to its share of the card's memory."""
     if device.type == "cuda" and 0 < gpu_fraction < 1:
@@ -128,11 +179,10 @@ def loads(blob: bytes, device: torch.device) -> Any:
 
 
 def assigned_resources() -> dict[str, Any]:
-    """Where this actor runs and what Ray gave it (tests and diagnostics)."""
-    import os
-
+    """Where this actor runs and what Ray gave it (tests and diagnostics); `cores`: the cores
+    its main thread may run on."""
     import ray
 
     ctx = ray.get_runtime_context()
     return {"node_id": ctx.get_node_id(), "resources": ctx.get_assigned_resources(),
-            "pid": os.getpid()}  # fmt: skip
+            "pid": os.getpid(), "cores": sorted(os.sched_getaffinity(0))}  # fmt: skip

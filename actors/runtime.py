@@ -150,9 +150,11 @@ class RayRuntime:
         ).remote(self.algo_ref, self.data_ref, cfg.server_batching, cfg.max_batch,
                  cfg.max_wait_ms, cfg.server_gpus, 1)  # fmt: skip
         threads = max(1, int(cfg.client_cpus))
+        whole_cores = cfg.pin_client_cores and float(cfg.client_cpus).is_integer()
+        pinned = threads if whole_cores else 0  # cores each actor claims (see CoreClaim)
         self.client_actors = [
             RemoteClientActor.options(num_cpus=cfg.client_cpus, num_gpus=cfg.client_gpus).remote(
-                self.algo_ref, self.data_ref, cids, self.server, cfg.client_gpus, threads
+                self.algo_ref, self.data_ref, cids, self.server, cfg.client_gpus, threads, pinned
             )
             for cids in self.owned
         ]

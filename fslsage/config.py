@@ -67,6 +67,7 @@ class Config:
     server_gpus: float = 0.0
     client_cpus: float = 1.0  # per client actor (runtime: ray)
     num_client_actors: int = 0  # 0: as many as the cluster's CPUs (and GPUs) hold
+    pin_client_cores: bool = True  # each client actor on client_cpus cores of its own, if free
     server_accelerator: str = ""  # Ray accelerator type the S-Server asks for, e.g. "A100"
     server_batching: Literal["exact", "coalesce"] = "exact"
     max_batch: int = 8

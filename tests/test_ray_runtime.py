@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 from helpers import ROOT, demo_config
 
 from actors.client_pool import ClientActor, owned_clients
-from actors.common import DataBundle, loads, pack, unpack
+from actors.common import CoreClaim, DataBundle, loads, pack, unpack
 from actors.runtime import RayRuntime, RemoteSServer
 from fslsage.algorithms.base import cut_gradient, loss_fn, server_step
 from fslsage.experiment import LocalRuntime, prepare, run_experiment
@@ -180,6 +181,60 @@ def test_client_shards_are_views_of_the_dataset_in_the_object_store(ray_session)
         reference = prepared.shard(cid, torch.device("cpu"))
         assert torch.equal(x, reference.x) and torch.equal(y, reference.y)
         assert x.stride() == reference.x.stride()
+
+
+def claim_in_thread(count: int, lock_dir=None) -> tuple[CoreClaim, set[int]]:
+    """A claim made by a new thread, and that thread's affinity right after (pinning applies to
+    the calling thread only, so the test's own thread stays free)."""
+    out = {}
+
+    def claim():
+        out["claim"] = CoreClaim(count, lock_dir)
+        out["affinity"] = os.sched_getaffinity(0)
+
+    thread = threading.Thread(target=claim)
+    thread.start()
+    thread.join()
+    return out["claim"], out["affinity"]
+
+
+def test_core_claims_pin_their_thread_and_never_share_a_core(tmp_path):
+    cores = os.sched_getaffinity(0)
+    first, affinity = claim_in_thread(1, tmp_path)
+    assert len(first.cores) == 1 and first.cores <= cores and affinity == first.cores
+    second, affinity = claim_in_thread(1, tmp_path)
+    if len(cores) > 1:
+        assert len(second.cores) == 1 and not second.cores & first.cores
+        assert affinity == second.cores
+    else:  # no free core: no claim, and the thread may run anywhere
+        assert second.cores == frozenset() and affinity == cores
+    too_many, affinity = claim_in_thread(len(cores), tmp_path)  # 1 or 2 are taken
+    assert too_many.cores == frozenset() and affinity == cores
+    assert claim_in_thread(0, tmp_path)[0].cores == frozenset()
+    first_cores = first.cores
+    first.release()
+    assert first.cores == frozenset()
+    again, _ = claim_in_thread(1, tmp_path)  # the released core is free again; nothing leaked
+    assert again.cores == first_cores
+    assert os.sched_getaffinity(0) == cores  # the test's own thread never moved
+
+
+def test_client_actors_run_on_cores_of_their_own(ray_session):
+    """One client actor per core, each pinned to a different one (see CoreClaim)."""
+    ray = ray_session
+    deadline = time.time() + 60  # actors of earlier tests may still be exiting with their claims
+    while (probe := claim_in_thread(2)[0]).cores == frozenset() and time.time() < deadline:
+        time.sleep(0.5)
+    probe.release()
+    runtime = RayRuntime(prepare(demo_config(num_client_actors=2, rounds=1)))
+    try:
+        placed = [ray.get(a.where.remote())["cores"] for a in runtime.client_actors]
+    finally:
+        runtime.close()
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert all(len(cores) == 1 for cores in placed) and placed[0] != placed[1], placed
+    else:  # one core: the second actor finds none free and is not pinned
+        assert sorted(map(len, placed)) == [1, 1] and placed[0] == placed[1], placed
 
 
 # ----------------------------------------------------------------------------- the S-Server
