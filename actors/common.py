@@ -91,7 +91,7 @@ class CoreClaim:
     Why: Ray schedules CPUs logically and leaves every process free to migrate. With the
     S-Server on the same cores (it reserves no CPU), the kernel moved the client actors between
     the 2 cores of the dev machine many times a round, and each move costs the actor its warm
-    caches: pinned, the demo ran about 5% faster (bench/RESULTS.md, session 6)."""
+    caches: pinned, the demo's ratio rose by about 0.035 (bench/RESULTS.md, session 6)."""
 
     def __init__(self, count: int, lock_dir: str | None = None):
         """Claims `count` free cores among those this thread may run on and pins the calling
