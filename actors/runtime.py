@@ -7,11 +7,12 @@ actor the global weights (one object, put once), gathers the small reports, and 
 task on its aggregator actor average the clients' weights straight from the object store, so
 weights never pass through the driver. A round's calls are all submitted at once and none waits
 on the driver: the S-Server files client requests that overtake the round's opening. Round t + 1
-is submitted as soon as round t's reports are in (`start_round`): its clients start once round
-t's aggregate exists, and the S-Server evaluates that aggregate with the server as round t left
-it — the point the in-process runtime evaluates at: its opening of round t + 1 snapshots the
-server, and the evaluation runs a test batch at a time whenever no request is ready, so it stays
-off round t + 1's critical path — while the driver writes round t's metrics. Every
+is submitted before the driver waits for round t (`run_round`): its clients start once round t's
+aggregate exists, the S-Server opens it once round t has ended there, with no driver turn in
+between, and it evaluates round t's aggregate with the server as round t left it — the point
+the in-process runtime evaluates at: its opening of round t + 1 snapshots the server, and the
+evaluation runs a test batch at a time whenever no request is ready, so it stays off round
+t + 1's critical path — while the driver writes round t's metrics. Every
 `checkpoint_every` rounds it checkpoints the clients, the S-Server and the global weights in the
 object store; if an actor dies, Ray restarts it, every role is restored from the checkpoint and
 the rounds since are re-run (deterministic with `exact` batching). An S-Server that Ray
@@ -117,6 +118,7 @@ class StartedRound:
     end: ray.ObjectRef  # the S-Server's round metrics, once every client is done
     opening: ray.ObjectRef  # begin_round: the evaluation of `previous_global`, or None
     previous_global: ray.ObjectRef | None
+    refs: list[ray.ObjectRef]  # what an aborted attempt must let return before a restore
 
 
 @dataclass
@@ -166,8 +168,10 @@ class RayRuntime:
         self.global_ref = ray.put(algo.initial_global())
         self.epoch = 0  # round attempts: requests of an abandoned attempt are rejected
         self.server_after = 0  # the attempt whose end the S-Server's state follows (0: initial)
-        self.inflight: list[ray.ObjectRef] = []
-        self.started: StartedRound | None = None
+        self.submitted: list[StartedRound] = []  # rounds submitted and not finished, in order
+        # the last round the F-Server runs: none after it is submitted ahead (the benchmark
+        # lowers it at the end of each of its chunks)
+        self.horizon = cfg.rounds
         self.evaluation: tuple[ray.ObjectRef, tuple[float, float]] | None = None
         self.checkpoint: Checkpoint | None = None
         if cfg.checkpoint_every:
@@ -191,20 +195,38 @@ class RayRuntime:
         ray.get(ready)
 
     # -- the Runtime interface ------------------------------------------------------------------
+    @property
+    def started(self) -> StartedRound | None:
+        """The oldest round submitted and not finished."""
+        return self.submitted[0] if self.submitted else None
+
     def start_round(self, t: int) -> None:
-        """Submits round t at once: its clients start as soon as round t − 1's aggregate is in,
-        and the S-Server evaluates round t − 1's global model on a snapshot it takes as it opens
-        round t (before any of round t's requests), so `evaluate` reads that while round t
-        already runs."""
+        """Submits round t at once, if `run_round(t - 1)` has not already: its clients start as
+        soon as round t − 1's aggregate is in, and the S-Server evaluates round t − 1's global
+        model on a snapshot it takes as it opens round t (before any of round t's requests), so
+        `evaluate` reads that while round t already runs."""
         if self.started is not None:
             if self.started.t != t:
                 raise RuntimeError(f"round {self.started.t} is running; cannot start round {t}")
             return
-        self.started = self._submit(t, evaluate_previous=True)
+        self._submit(t, evaluate_previous=True)
 
     def run_round(self, t: int) -> RoundOutcome:
-        outcome = self._recovering(t, lambda: self._finish(self._started(t)))
-        if self.cfg.checkpoint_every and t % self.cfg.checkpoint_every == 0:
+        """Finishes round t. Before waiting for it, submits round t + 1 (unless t is the
+        horizon or a checkpoint round): its calls wait in Ray and on the S-Server for round t's
+        aggregate and end, so no driver turn separates the rounds. A run that stops early (the
+        communication budget) leaves that round unread; `close` discards it."""
+        checkpoint = bool(self.cfg.checkpoint_every) and t % self.cfg.checkpoint_every == 0
+
+        def attempt() -> RoundOutcome:
+            started = self._started(t)
+            if t < self.horizon and not checkpoint and len(self.submitted) == 1:
+                # a checkpoint must see the actors as round t leaves them: no round after it yet
+                self._submit(t + 1, evaluate_previous=True)
+            return self._finish(started)
+
+        outcome = self._recovering(t, attempt)
+        if checkpoint:
             self._checkpoint(t)
         return outcome
 
@@ -233,41 +255,50 @@ class RayRuntime:
 
     # -- one round --------------------------------------------------------------------------------
     def _started(self, t: int) -> StartedRound:
-        """Round t's calls: those `start_round` submitted, or submitted now."""
+        """Round t's calls: those submitted already, or submitted now."""
         if self.started is None:
-            self.started = self._submit(t)
+            self._submit(t)
         elif self.started.t != t:
             raise RuntimeError(f"round {self.started.t} is running, not round {t}")
+        assert self.started is not None
         return self.started
 
     def _submit(self, t: int, evaluate_previous: bool = False) -> StartedRound:
-        """Every call of round t, none awaited: the client actors' first (they are the round's
-        critical path), then the aggregation, the S-Server's opening (with the global model to
-        evaluate, if asked) and its end of round."""
+        """Every call of round t, none awaited, after the rounds submitted before it: the client
+        actors' first (they are the round's critical path), then the aggregation, the S-Server's
+        opening (with the global model to evaluate, if asked) and its end of round. The round
+        starts from the previous one's aggregate and S-Server state, finished or not."""
+        if self.submitted:
+            last = self.submitted[-1]
+            weights, after = last.new_global, last.epoch
+        else:
+            weights, after = self.global_ref, self.server_after
         self.epoch += 1
         cids = list(range(self.cfg.num_clients))
         report_refs: list[ray.ObjectRef] = []
         weight_of: dict[int, ray.ObjectRef] = {}  # each client's weights, in the object store
         if self.algo.sequential:  # one client after another, the model handed on via the store
-            weights = self.global_ref
+            handed_on = weights
             for cid in cids:
                 call = self.actor_of[cid].run_round.options(num_returns=2)
-                reports, weights = call.remote(t, self.epoch, weights, [cid])
+                reports, handed_on = call.remote(t, self.epoch, handed_on, [cid])
                 report_refs.append(reports)
-                weight_of[cid] = weights
+                weight_of[cid] = handed_on
         else:
             for actor, owned in zip(self.client_actors, self.owned, strict=True):
-                reports, *weights = actor.run_round.options(num_returns=1 + len(owned)).remote(
-                    t, self.epoch, self.global_ref, owned
-                )
+                reports, *client_weights = actor.run_round.options(
+                    num_returns=1 + len(owned)
+                ).remote(t, self.epoch, weights, owned)
                 report_refs.append(reports)
-                weight_of.update(zip(owned, weights, strict=True))
+                weight_of.update(zip(owned, client_weights, strict=True))
         new_global = self.aggregator.aggregate.remote(report_refs, [weight_of[c] for c in cids])
-        previous = self.global_ref if evaluate_previous else None
-        opening = self.server.begin_round.remote(t, self.epoch, cids, self.server_after, previous)
+        previous = weights if evaluate_previous else None
+        opening = self.server.begin_round.remote(t, self.epoch, cids, after, previous)
         end = self.server.end_round.remote(t, self.epoch)
-        self.inflight = [*report_refs, *weight_of.values(), new_global]
-        return StartedRound(t, self.epoch, report_refs, new_global, end, opening, previous)
+        refs = [*report_refs, *weight_of.values(), new_global]
+        started = StartedRound(t, self.epoch, report_refs, new_global, end, opening, previous, refs)
+        self.submitted.append(started)
+        return started
 
     def _finish(self, started: StartedRound) -> RoundOutcome:
         """Waits for the round's reports and server metrics; the new global model is left to
@@ -275,8 +306,8 @@ class RayRuntime:
         batches = _get_promptly(started.report_refs)
         reports = sorted((r for b in batches for r in b), key=lambda r: r.cid)
         server_metrics = ray.get(started.end)
-        self.global_ref, self.inflight, self.started = started.new_global, [], None
-        self.server_after = started.epoch
+        self.submitted.remove(started)
+        self.global_ref, self.server_after = started.new_global, started.epoch
         return RoundOutcome.from_reports(reports, server_metrics)
 
     # -- checkpoints and recovery -----------------------------------------------------------------
@@ -288,7 +319,6 @@ class RayRuntime:
             try:
                 return attempt()
             except (RayActorError, StateLost) as e:
-                self.started = None
                 if self.checkpoint is None or recoveries == MAX_RECOVERIES:
                     raise
                 log.warning("round %d: an actor died or lost its state (%s); restoring round "
@@ -312,10 +342,11 @@ class RayRuntime:
         # first the S-Server: it aborts the round, so clients waiting on it return
         _when_up(lambda: ray.get(self.server.load_state.remote(ckpt.server, ckpt.after)))
         self.server_after = ckpt.after
-        if self.inflight:
-            ray.wait(self.inflight, num_returns=len(self.inflight), timeout=DRAIN_TIMEOUT_S,
+        inflight = [ref for started in self.submitted for ref in started.refs]
+        self.submitted = []
+        if inflight:
+            ray.wait(inflight, num_returns=len(inflight), timeout=DRAIN_TIMEOUT_S,
                      fetch_local=False)  # fmt: skip
-            self.inflight = []
         for actor, state in zip(self.client_actors, ckpt.clients, strict=True):
             _when_up(lambda a=actor, s=state: ray.get(a.load_state.remote(s)))
         self.global_ref = ckpt.global_weights

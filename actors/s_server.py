@@ -5,7 +5,9 @@ marker and the F-Server's control calls — goes into one `asyncio.Queue`, drain
 coroutine, the only code that touches the server role. Requests carry (epoch, client id,
 sequence number): Ray does not keep the order of calls to an async actor, and a restarted round
 must not see stale requests. Requests of a round attempt that has not begun yet wait for its
-`begin_round`, so the F-Server never waits for that call to return. `begin_round` also
+`begin_round`, so the F-Server never waits for that call to return; and a `begin_round` that
+follows an attempt still running waits for that attempt's end, so the F-Server submits round
+t + 1 before round t is over. `begin_round` also
 snapshots the server to evaluate the previous round's global model on: the evaluation runs a
 test batch at a time whenever no request is ready, off the round's critical path (a request
 waits at most one `eval_batch_size` batch).
@@ -169,6 +171,7 @@ class SServer:
         self.arrivals = itertools.count()
         self.batch_sizes: Counter[int] = Counter()
         self.early: list[Request] = []  # requests of a round attempt not begun yet
+        self.deferred: list[Request] = []  # openings that wait for the attempt they follow to end
         self.crash_at_opening: int | None = None
         # the round attempt whose end this server's state follows (0: the initial state)
         self.state_after = 0
@@ -262,6 +265,8 @@ class SServer:
         if self.getter is None:
             self.getter = asyncio.ensure_future(self.queue.get())
         done, _ = await asyncio.wait({self.getter}, timeout=timeout)
+        if not done and not self.queue.empty():  # filed meanwhile, not yet handed to the getter:
+            done, _ = await asyncio.wait({self.getter})  # no evaluation step before it
         if not done:
             return None
         req, self.getter = self.getter.result(), None
@@ -281,9 +286,11 @@ class SServer:
                     self._evaluation_step()
                     continue
                 await self._accept(req)
-                while batch := await self._gather():
-                    await self._process(batch)
-                await self._maybe_end_round()
+                while True:
+                    while batch := await self._gather():
+                        await self._process(batch)
+                    if not await self._maybe_end_round():
+                        break  # else a deferred opening may have filed requests: serve them
             except Exception as e:  # a bug here must not leave every caller waiting forever
                 log.exception("S-Server worker")
                 self._abort(f"S-Server worker failed: {e!r}")
@@ -351,6 +358,9 @@ class SServer:
 
     # -- the worker's steps --------------------------------------------------------------------
     async def _accept(self, req: Request) -> None:
+        if req.kind == "begin" and self._follows_unfinished(req.args[3]):
+            self.deferred.append(req)  # the F-Server submitted this round ahead of its previous
+            return
         if req.kind in ROUND_KINDS:
             if self.rejected is not None and req.epoch == self.rejected[0]:
                 _fail(req, self._state_lost())
@@ -370,6 +380,18 @@ class SServer:
         else:
             _answer(req, result)
 
+    def _follows_unfinished(self, after: int) -> bool:
+        """Whether an opening that follows attempt `after` must wait: this server (not a
+        restarted blank one, epoch -1) has begun or will begin that attempt, and it has not
+        ended."""
+        return self.epoch != -1 and after != self.state_after and after >= self.epoch
+
+    async def _refile_deferred(self) -> None:
+        """Accepts the deferred openings again, now that an attempt opened or ended."""
+        deferred, self.deferred = self.deferred, []
+        for r in deferred:
+            await self._accept(r)
+
     async def _control(self, req: Request) -> Any:
         if req.kind == "begin":
             t, epoch, cids, after, previous_global = req.args
@@ -385,6 +407,7 @@ class SServer:
             self._abort(f"round attempt {epoch} began")
             self._reset_round(epoch, cids)
             await self._refile_early()
+            await self._refile_deferred()
             return evaluation
         if req.kind == "evaluate":
             return await self._compute(self._evaluate, *req.args)
@@ -392,7 +415,7 @@ class SServer:
             return await self._compute(dumps, self.server)
         if req.kind == "load":
             self._abort("state restored from a checkpoint")
-            early, self.early = self.early, []
+            early, self.early, self.deferred = [*self.early, *self.deferred], [], []
             for r in early:  # attempts the F-Server abandoned before they began here
                 _fail(r, RoundAborted("state restored from a checkpoint"))
             self._reset_round(epoch=-1)
@@ -452,21 +475,28 @@ class SServer:
         for r, result in zip(live, results, strict=True):
             _answer(r, result)
 
-    async def _maybe_end_round(self) -> None:
+    async def _maybe_end_round(self) -> bool:
+        """Answers the round's end once every client is done; True if it did."""
         if self.end_req is None or not all(cid in self.done for cid in self.order):
-            return
+            return False
         req, self.end_req = self.end_req, None
         if self.errors:
             _fail(req, self.errors[0])
-            return
-        self.state_after = req.epoch
-        try:
-            (t,) = req.args
-            metrics = await self._compute(self.server.end_round, t) if self.server else {}
-        except Exception as e:  # noqa: BLE001
-            _fail(req, e)
+            following = [r for r in self.deferred if r.args[3] == req.epoch]
+            self.deferred = [r for r in self.deferred if r.args[3] != req.epoch]
+            for r in following:  # they would wait forever for a state that never came
+                _fail(r, RoundAborted(f"round attempt {req.epoch} failed: {self.errors[0]!r}"))
         else:
-            _answer(req, metrics)
+            self.state_after = req.epoch
+            try:
+                (t,) = req.args
+                metrics = await self._compute(self.server.end_round, t) if self.server else {}
+            except Exception as e:  # noqa: BLE001
+                _fail(req, e)
+            else:
+                _answer(req, metrics)
+        await self._refile_deferred()
+        return True
 
     async def _refile_early(self) -> None:
         """Files the requests that came before their round's opening, now that one opened (or

@@ -23,7 +23,7 @@ from actors.client_pool import ClientActor, owned_clients
 from actors.common import CoreClaim, DataBundle, loads, pack, unpack
 from actors.runtime import RayRuntime, RemoteSServer
 from fslsage.algorithms.base import cut_gradient, loss_fn, server_step
-from fslsage.experiment import LocalRuntime, prepare, run_experiment
+from fslsage.experiment import LocalRuntime, evaluate, prepare, run_experiment
 
 METRICS = ["test_acc", "test_loss", "comm_gib"]
 
@@ -364,6 +364,72 @@ def test_requests_may_overtake_the_opening_of_their_round(ray_session):
     assert evaluation == as_left and evaluation != after_step
     assert 0.0 <= evaluation[1] <= 1.0
     assert stats["batch_sizes"] == {1: 3}  # the abandoned attempt's request never ran
+
+
+def test_an_opening_submitted_ahead_waits_for_the_round_it_follows(ray_session):
+    """The F-Server submits round t + 1 before round t is over. Its opening names round t's
+    attempt, waits (with round t + 1's requests) until round t ends, then evaluates with the
+    server as round t left it. A checkpoint restored meanwhile fails a waiting opening."""
+    ray = ray_session
+    prepared, server = start_server("splitfed_v2", "exact")
+    requests = [smashed(prepared, cid, 8) for cid in (0, 1)]
+    weights = prepared.algorithm.initial_global()
+    try:
+        ray.get(server.begin_round.remote(1, 1, [0, 1]))
+        blob = ray.get(server.state.remote())
+        opening = server.begin_round.remote(2, 2, [0, 1], after=1, previous_global=weights)
+        ahead = server.submit.remote(2, 0, 0, "exchange", *pack(requests[0]))  # round 2's
+        current = [server.submit.remote(1, c, 0, "exchange", *pack(requests[c]), done=[(0, 1)])
+                   for c in (0, 1)]  # fmt: skip
+        answers = ray.get(current)  # round 1 is served; round 2 has not begun
+        assert ray.wait([opening, ahead], num_returns=2, timeout=0.5)[0] == []
+        end = server.end_round.remote(1, 1)
+        server.submit.remote(1, 1, 1, "done")
+        ray.get(end)
+        evaluation = ray.get(opening)
+        answers = unpack([*answers, ray.get(ahead)], "cpu")
+        # round 3 submitted ahead of round 2, which never ends: a restore aborts its opening
+        waiting = server.begin_round.remote(3, 3, [0, 1], after=2, previous_global=weights)
+        assert ray.wait([waiting], timeout=0.3)[0] == []
+        ray.get(server.load_state.remote(blob, 0))
+        with pytest.raises(ray.exceptions.RayTaskError, match="RoundAborted"):
+            ray.get(waiting)
+    finally:
+        ray.kill(server)
+    reference = prepared.algorithm.new_server(torch.device("cpu"))
+    data = DataBundle.of(prepared)
+    with one_thread():
+        expected = [reference.on_exchange(cid, *req) for cid, req in enumerate(requests)]
+        cpu = torch.device("cpu")
+        model = prepared.algorithm.eval_module(weights, reference.eval_model(), cpu)
+        as_left = evaluate(model, *data.test_set(), data.info, prepared.cfg.eval_batch_size, cpu)
+        expected.append(reference.on_exchange(0, *requests[0]))
+    for (grad, loss), (ref_grad, ref_loss) in zip(answers, expected, strict=True):
+        assert torch.equal(grad, ref_grad) and torch.equal(loss, ref_loss)
+    assert evaluation == as_left
+
+
+def test_rounds_are_submitted_one_ahead_except_at_checkpoints_and_the_horizon(ray_session):
+    """run_round(t) submits round t + 1 before it waits for round t, except after a checkpoint
+    round (the checkpoint must see the actors as round t left them) and after the horizon;
+    the evaluations are still those of the in-process runtime."""
+    cfg = demo_config(algorithm="fsl_sage", rounds=4, checkpoint_every=2)
+    runtime = RayRuntime(prepare(cfg))
+    ahead, evaluations = [], []
+    try:
+        runtime.horizon = 3
+        for t in range(1, cfg.rounds + 1):
+            runtime.run_round(t)
+            ahead.append(runtime.started.t if runtime.started is not None else None)
+            evaluations.append(runtime.evaluate())
+    finally:
+        runtime.close()
+    assert ahead == [2, None, None, None]
+    local = LocalRuntime(prepare(cfg))
+    with one_thread():
+        expected = [(local.run_round(t), local.evaluate())[1] for t in range(1, cfg.rounds + 1)]
+    flat = [x for pair in evaluations for x in pair]
+    assert flat == pytest.approx([x for pair in expected for x in pair], abs=1e-6)
 
 
 def test_coalesce_batches_concurrent_clients_and_splits_gradients(ray_session):
