@@ -212,7 +212,7 @@ class RayRuntime:
         self._submit(t, evaluate_previous=True)
 
     def run_round(self, t: int) -> RoundOutcome:
-        """Finishes round t. Before waiting for it, submits round t + 1 (unless t is the
+        """Finishes round t. Before waiting for it, submits round t + 1 (unless t is at the
         horizon or a checkpoint round): its calls wait in Ray and on the S-Server for round t's
         aggregate and end, so no driver turn separates the rounds. A run that stops early (the
         communication budget) leaves that round unread; `close` discards it."""
@@ -220,8 +220,8 @@ class RayRuntime:
 
         def attempt() -> RoundOutcome:
             started = self._started(t)
+            # not after a checkpoint round: its checkpoint must see the actors as round t left them
             if t < self.horizon and not checkpoint and len(self.submitted) == 1:
-                # a checkpoint must see the actors as round t leaves them: no round after it yet
                 self._submit(t + 1, evaluate_previous=True)
             return self._finish(started)
 
