@@ -61,6 +61,15 @@ def assert_same_metrics(a: pd.DataFrame, b: pd.DataFrame) -> None:
         assert (a[col] - b[col]).abs().max() <= 1e-6, (col, a[col].tolist(), b[col].tolist())
 
 
+def assert_local_evaluations(cfg, evaluations: list[tuple[float, float]]) -> None:
+    """Each round's (test loss, accuracy) equals the in-process runtime's, to 1e-6."""
+    local = LocalRuntime(prepare(cfg))
+    with one_thread():
+        expected = [(local.run_round(t), local.evaluate())[1] for t in range(1, cfg.rounds + 1)]
+    flat = [x for pair in evaluations for x in pair]
+    assert flat == pytest.approx([x for pair in expected for x in pair], abs=1e-6)
+
+
 # ----------------------------------------------------------------------------- runtime parity
 @pytest.mark.parametrize("algorithm", ["fsl_sage", "splitfed_v2"])
 def test_exact_batching_reproduces_the_local_runtime(ray_session, tmp_path, algorithm):
@@ -132,11 +141,7 @@ def test_s_server_restarted_between_rounds_is_noticed_and_restored(ray_session):
                 wait_for_restart(ray, runtime.server, pid)
     finally:
         runtime.close()
-    local = LocalRuntime(prepare(cfg))
-    with one_thread():
-        expected = [(local.run_round(t), local.evaluate())[1] for t in range(1, cfg.rounds + 1)]
-    flat = [x for pair in evaluations for x in pair]
-    assert flat == pytest.approx([x for pair in expected for x in pair], abs=1e-6)
+    assert_local_evaluations(cfg, evaluations)
 
 
 def wait_for_restart(ray, actor, old_pid: int, timeout: float = 60.0) -> None:
@@ -425,11 +430,7 @@ def test_rounds_are_submitted_one_ahead_except_at_checkpoints_and_the_horizon(ra
     finally:
         runtime.close()
     assert ahead == [2, None, None, None]
-    local = LocalRuntime(prepare(cfg))
-    with one_thread():
-        expected = [(local.run_round(t), local.evaluate())[1] for t in range(1, cfg.rounds + 1)]
-    flat = [x for pair in evaluations for x in pair]
-    assert flat == pytest.approx([x for pair in expected for x in pair], abs=1e-6)
+    assert_local_evaluations(cfg, evaluations)
 
 
 def test_coalesce_batches_concurrent_clients_and_splits_gradients(ray_session):
