@@ -1,12 +1,12 @@
 """Ray runtime overhead: fsl_sage on the demo config in-process (LocalRuntime) and on Ray with
 one client actor per core, same rounds and same work (exact batching: same metrics).
 
-The runtimes take their rounds in turn, in chunks — rounds 1–5 on Ray, then rounds 1–5
-in-process, then rounds 6–10 … — so the load of a shared host falls on both alike, and each
+The runtimes take their rounds in turn, in chunks — rounds 1–2 on Ray, then rounds 1–2
+in-process, then rounds 3–7 on Ray … — so the load of a shared host falls on both alike, and each
 pair of runs gives one paired ratio. Within a chunk the rounds run as the F-Server loop
 (`run_experiment`) drives them: `run_round(t)`, `start_round(t + 1)`, then `evaluate()`, so Ray
 submits round t + 1 before round t ends and overlaps round t's evaluation with it; a chunk's
-last round has no successor (its horizon: 2 of the 14 overlaps of a 15-round run are lost, the
+last round has no successor (its horizon: 3 of the 14 overlaps of a 15-round run are lost, the
 figure errs against Ray).
 Throughput is training samples of all clients per round, times rounds, over the
 summed round times; Ray's start-up (actor processes, data into the object store) is reported
@@ -15,7 +15,14 @@ busy 2-core machine two OpenMP threads can slow it down many times over), each p
 own Ray run; the last line is the median paired ratio against the faster of the two:
 `ray/local throughput ratio: X`.
 
-    .venv/bin/python bench/overhead.py [--rounds N] [--repeats K] [--chunk C] [--set key=value ...]
+The first chunk is the warm-up (`--warmup`, default 2 rounds: the first training round and the
+first alignment of the demo's l = 2). Every process pays for its first kernels and allocations
+there: Ray's three fresh actor processes in every paired run, the in-process runtime only in
+the first (it runs in this warm process after that). The line before the last gives the ratio
+of the rounds after it as well (steady state); the last line counts every round.
+
+    .venv/bin/python bench/overhead.py [--rounds N] [--repeats K] [--chunk C] [--warmup W]
+                                       [--set key=value ...]
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import argparse
 import os
 import statistics
 import time
+from collections.abc import Iterable
 
 import ray
 import torch
@@ -51,71 +59,96 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--repeats", type=int, default=3, help="paired runs per local thread count")
     p.add_argument("--chunk", type=int, default=5, help="rounds per turn of each runtime")
+    p.add_argument("--warmup", type=int, default=2, help="rounds of the first turn, the warm-up")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     args = p.parse_args()
     cfg = load_config(os.path.join(ROOT, "configs", "demo.yaml"),
                       ["algorithm=fsl_sage", f"rounds={args.rounds}", *args.overrides])  # fmt: skip
-    samples = sum(len(i) for i in prepare(cfg).client_indices) * cfg.local_epochs * cfg.rounds
+    turns = chunks(cfg.rounds, args.warmup, args.chunk)
+    per_round = sum(len(i) for i in prepare(cfg).client_indices) * cfg.local_epochs
     cores = os.cpu_count() or 1
-    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    # a Ray instance of its own, sized to this machine, even where a cluster is up: the figure
+    # is this machine's
+    ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False)
     default_threads = torch.get_num_threads()
     thread_counts = sorted({default_threads, 1}, reverse=True)
-    local_s: dict[int, list[float]] = {n: [] for n in thread_counts}
-    ray_s: dict[int, list[float]] = {n: [] for n in thread_counts}
+    # seconds per turn of each paired run, by local thread count
+    local_s: dict[int, list[list[float]]] = {n: [] for n in thread_counts}
+    ray_s: dict[int, list[list[float]]] = {n: [] for n in thread_counts}
     startup_s: list[float] = []
     try:
         for _ in range(args.repeats):
             for n in thread_counts:
-                paired = paired_run(cfg, n, args.chunk)
-                local_seconds, ray_seconds, startup, batches, actors = paired
-                local_s[n].append(local_seconds)
-                ray_s[n].append(ray_seconds)
+                local_turns, ray_turns, startup, batches, actors = paired_run(cfg, n, turns)
+                local_s[n].append(local_turns)
+                ray_s[n].append(ray_turns)
                 startup_s.append(startup)
     finally:
         torch.set_num_threads(default_threads)
         ray.shutdown()
 
-    def times(xs: list[float]) -> str:
+    def times(xs: Iterable[float]) -> str:
         return " ".join(f"{x:.2f}" for x in xs)
 
-    # against the faster local variant: the median paired ratio of each, the lower counts
-    ratios = {n: [lo / ra for lo, ra in zip(local_s[n], ray_s[n], strict=True)] for n in local_s}
-    medians = {n: statistics.median(r) for n, r in ratios.items()}
-    all_ray = [x for xs in ray_s.values() for x in xs]
+    def ratios(skip: int) -> tuple[dict[int, list[float]], float]:
+        """Paired ratios over the turns after the first `skip`, by local thread count, and
+        the figure: the lower of the two medians (against the faster local variant)."""
+        pairs = {n: zip(local_s[n], ray_s[n], strict=True) for n in thread_counts}
+        by_count = {n: [sum(lo[skip:]) / sum(ra[skip:]) for lo, ra in p] for n, p in pairs.items()}
+        return by_count, min(statistics.median(r) for r in by_count.values())
+
+    every, figure = ratios(0)
     print(f"machine: {cores} CPU cores; {cfg.algorithm} on {cfg.dataset}, {cfg.num_clients} "
           f"clients, {cfg.rounds} rounds, server_batching={cfg.server_batching}, "
           f"align_interval={cfg.align_interval}")  # fmt: skip
     for n in thread_counts:
-        print(f"local, {n} thread{'s' * (n > 1)}: runs {times(local_s[n])} s; Ray alongside: "
-              f"{times(ray_s[n])} s; paired ratios {times(ratios[n])}")  # fmt: skip
-    best_local = min(min(v) for v in local_s.values())
+        runs, alongside = times(map(sum, local_s[n])), times(map(sum, ray_s[n]))
+        print(f"local, {n} thread{'s' * (n > 1)}: runs {runs} s; Ray alongside: {alongside} s; "
+              f"paired ratios {times(every[n])}")  # fmt: skip
+    best_local = min(sum(turns) for v in local_s.values() for turns in v)
+    best_ray = min(sum(turns) for v in ray_s.values() for turns in v)
+    samples = per_round * cfg.rounds
     print(f"local: {samples / best_local:9.0f} samples/s at best; ray: "
-          f"{samples / min(all_ray):9.0f} samples/s at best ({actors} client actors; start-up "
+          f"{samples / best_ray:9.0f} samples/s at best ({actors} client actors; start-up "
           f"{times(startup_s)} s not counted; S-Server batches {batches})")  # fmt: skip
-    print(f"ray/local throughput ratio: {min(medians.values()):.2f}")
+    if args.warmup and len(turns) > 1:
+        steady, steady_figure = ratios(1)
+        paired = "; ".join(f"{n} local thread{'s' * (n > 1)}: {times(steady[n])}"
+                           for n in thread_counts)  # fmt: skip
+        print(f"steady state (rounds {turns[1][0]}–{cfg.rounds}, after the warm-up): paired "
+              f"ratios {paired}; ray/local {steady_figure:.2f}")  # fmt: skip
+    print(f"ray/local throughput ratio: {figure:.2f}")
 
 
-def paired_run(cfg, threads: int, chunk: int) -> tuple[float, float, float, dict, int]:
-    """One experiment on each runtime, `chunk` rounds at a time in turn (Ray's first: a
+def chunks(rounds: int, warmup: int, chunk: int) -> list[range]:
+    """The runtimes' turns: the warm-up rounds, then `chunk` rounds at a time."""
+    first = min(warmup, rounds)
+    turns = [range(1, first + 1)] if first else []
+    return turns + [
+        range(a, min(a + chunk, rounds + 1)) for a in range(first + 1, rounds + 1, chunk)
+    ]
+
+
+def paired_run(cfg, threads: int, turns: list[range]) -> tuple[list, list, float, dict, int]:
+    """One experiment on each runtime, a turn of rounds at a time (Ray's first: a
     multi-threaded local round leaves its threads spinning for a few ms after it). Returns
-    (local s, Ray s, Ray start-up s, S-Server batch sizes, client actors)."""
+    (local s per turn, Ray s per turn, Ray start-up s, S-Server batch sizes, client actors)."""
     start = time.perf_counter()
     ray_runtime = RayRuntime(prepare(cfg))  # returns once every actor is up
     startup = time.perf_counter() - start
     local = LocalRuntime(prepare(cfg))
-    local_seconds = ray_seconds = 0.0
+    local_turns, ray_turns = [], []
     try:
-        for first in range(1, cfg.rounds + 1, chunk):
-            rounds = range(first, min(first + chunk, cfg.rounds + 1))
-            ray_runtime.horizon = rounds[-1]  # no round submitted ahead past the chunk
-            ray_seconds += timed_rounds(ray_runtime, rounds)
+        for rounds in turns:
+            ray_runtime.horizon = rounds[-1]  # no round submitted ahead past the turn
+            ray_turns.append(timed_rounds(ray_runtime, rounds))
             torch.set_num_threads(threads)
-            local_seconds += timed_rounds(local, rounds)
+            local_turns.append(timed_rounds(local, rounds))
         batches = ray_runtime.server_stats()["batch_sizes"]
         actors = len(ray_runtime.client_actors)
     finally:
         ray_runtime.close()
-    return local_seconds, ray_seconds, startup, batches, actors
+    return local_turns, ray_turns, startup, batches, actors
 
 
 if __name__ == "__main__":

@@ -76,7 +76,9 @@ def main() -> None:
     cfg = load_config(os.path.join(ROOT, "configs", "demo.yaml"), overrides)
     prepared = prepare(cfg)
     cores = os.cpu_count() or 1
-    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    # a Ray instance of its own, sized to this machine, even where a cluster is up: the figure
+    # is this machine's
+    ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False)
     try:
         exact, _ = requests_per_second(prepared, "exact", args.clients, args.requests)
         coalesce, sizes = requests_per_second(prepared, "coalesce", args.clients, args.requests)
