@@ -2,8 +2,9 @@
 modules, optimizers, RNGs and data shards between rounds, so 100 clients run on 4 actors.
 
 An actor runs its clients one after another with the same executor as the in-process runtime
-(`fslsage.transport.run_client_round`); only the `send` callable differs: requests become calls
-to the S-Server actor, uploads without waiting for them."""
+(`fslsage.transport.run_client_round`); only the `send` callable differs: requests go to the
+S-Server actor, uploads without waiting for them — through the same-node channel
+(`actors.channel`) when the S-Server runs on this node, else as Ray calls."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 import ray
 import torch
 
+from actors.channel import ANSWERED, ChannelBroken, ClientChannel
 from actors.common import (
     CoreClaim,
     DataBundle,
@@ -48,6 +50,7 @@ class ClientActor:
         gpu_fraction: float = 0.0,
         threads: int = 1,
         pinned_cores: int = 0,
+        channel: bool = True,
     ):
         self.cores = CoreClaim(pinned_cores)  # first: torch's threads inherit the pinning
         torch.set_num_threads(threads)
@@ -60,6 +63,9 @@ class ClientActor:
         }
         self.crash_at: tuple[int, int] | None = None
         self.held_done: list[tuple[int, int]] = []  # (cid, seq) of "done" markers not sent yet
+        self.use_channel = channel  # the same-node channel, when the S-Server offers one
+        self.channel: ClientChannel | None = None
+        self.channel_known = not channel  # asked the S-Server for it (once, or after a break)
 
     def run_round(
         self, t: int, epoch: int, weights: dict[str, State], cids: list[int]
@@ -70,6 +76,8 @@ class ClientActor:
         algorithm, the next client) reads them from the object store, not via the driver."""
         reports: list[ClientReport] = []
         states: list[dict[str, State]] = []
+        if not self.channel_known:
+            self._open_channel()
         for cid in cids:
             if self.crash_at == (t, cid):
                 os._exit(1)  # fault injection for the recovery test: the process dies here
@@ -104,10 +112,8 @@ class ClientActor:
             if last:
                 done.append((cid, next(seq)))
                 marked = True
-            ref = self.server.submit.remote(epoch, cid_, n, method, *pack(args), done=done)
-            if method == "upload":
-                return None
-            return unpack(ray.get(ref), self.device)
+            answer = self._submit(epoch, cid_, n, method, pack(args), done)
+            return None if method == "upload" else unpack(answer, self.device)
 
         def finish() -> None:
             if not marked:
@@ -120,8 +126,32 @@ class ClientActor:
         before it that sent nothing)."""
         if self.held_done:
             (cid, seq), *rest = self.held_done  # their order does not matter: each has its seq
-            self.server.submit.remote(epoch, cid, seq, "done", done=rest)
+            self._submit(epoch, cid, seq, "done", (), rest)
             self.held_done = []
+
+    def _submit(self, epoch: int, cid: int, seq: int, kind: str, args: tuple, done: list) -> Any:
+        """One request to the S-Server (`SServer.submit`); returns the answer of an answered
+        kind. Through the channel if there is one; if it broke (the S-Server died or was
+        restarted), as a Ray call, which raises if the S-Server is gone and reaches it if Ray
+        has restarted it."""
+        answered = kind in ANSWERED
+        if self.channel is not None:
+            try:
+                return self.channel.request((epoch, cid, seq, kind, args, done), answered)
+            except ChannelBroken:
+                self.channel.close()
+                self.channel, self.channel_known = None, False  # asked again next round
+        ref = self.server.submit.remote(epoch, cid, seq, kind, *args, done=done)
+        return ray.get(ref) if answered else None
+
+    def _open_channel(self) -> None:
+        node, path = ray.get(self.server.channel.remote())
+        self.channel_known = True
+        if path is not None and node == ray.get_runtime_context().get_node_id():
+            try:
+                self.channel = ClientChannel(path)
+            except ChannelBroken:  # e.g. a node whose temp directories are not shared
+                self.channel = None
 
     def state(self) -> bytes:
         """Every owned client (modules, optimizer state, RNG) for a checkpoint."""
@@ -135,7 +165,8 @@ class ClientActor:
         self.crash_at = (t, cid)
 
     def where(self) -> dict[str, Any]:
-        return assigned_resources()
+        """`assigned_resources()`, and whether requests go through the same-node channel."""
+        return {**assigned_resources(), "channel": self.channel is not None}
 
 
 def _cpu(weights: dict[str, State]) -> dict[str, State]:

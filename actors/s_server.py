@@ -36,9 +36,11 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
+import ray
 import torch
 from torch import Tensor
 
+from actors.channel import ANSWERED, serve
 from actors.common import (
     DataBundle,
     assigned_resources,
@@ -58,7 +60,6 @@ log = logging.getLogger(__name__)
 
 CLIENT_KINDS = ("upload", "exchange", "align", "done")
 ROUND_KINDS = (*CLIENT_KINDS, "end")  # requests that belong to one round attempt
-ANSWERED = ("exchange", "align")  # the client waits for these; uploads are fire-and-forget
 BATCHING = ("exact", "coalesce")
 
 
@@ -173,6 +174,7 @@ class SServer:
         self.early: list[Request] = []  # requests of a round attempt not begun yet
         self.deferred: list[Request] = []  # openings that wait for the attempt they follow to end
         self.crash_at_opening: int | None = None
+        self.channel_path: str | None = None
         # the round attempt whose end this server's state follows (0: the initial state)
         self.state_after = 0
         self.rejected: tuple[int, int] | None = None  # (epoch, after) of a lost-state opening
@@ -240,6 +242,16 @@ class SServer:
 
     async def where(self) -> dict[str, Any]:
         return assigned_resources()
+
+    async def channel(self) -> tuple[str, str | None]:
+        """(node id, socket path) of the same-node fast path for `submit` (actors.channel),
+        opened on the first call; no path where this platform has no Unix sockets."""
+        if self.channel_path is None:
+            try:
+                self.channel_path = await serve(self.submit)
+            except (OSError, NotImplementedError, AttributeError) as e:
+                log.warning("no same-node channel, requests go as Ray calls: %r", e)
+        return ray.get_runtime_context().get_node_id(), self.channel_path
 
     async def arm_crash(self, t: int) -> None:
         """Test hook: the process exits when it is about to open round t."""

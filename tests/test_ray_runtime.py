@@ -19,9 +19,11 @@ import pytest
 import torch
 from helpers import ROOT, demo_config
 
+from actors.channel import ChannelBroken, ClientChannel
 from actors.client_pool import ClientActor, owned_clients
 from actors.common import CoreClaim, DataBundle, loads, pack, unpack
 from actors.runtime import RayRuntime, RemoteSServer
+from actors.s_server import RoundAborted
 from fslsage.algorithms.base import cut_gradient, loss_fn, server_step
 from fslsage.experiment import LocalRuntime, evaluate, prepare, run_experiment
 
@@ -309,7 +311,7 @@ def test_a_client_actor_sends_its_done_marker_with_the_last_request(declared):
     if not declared:
         algo.server_requests = lambda t, sizes: None
     handle = RecordingServerHandle()
-    actor = ClientActor(algo, DataBundle.of(prepared), [0, 2], handle)
+    actor = ClientActor(algo, DataBundle.of(prepared), [0, 2], handle, channel=False)
     actor.run_round(1, 7, algo.initial_global(), [0, 2])
     uploads = {cid: [c for c in handle.calls if c[:1] == (cid,) and c[2] == "upload"]
                for cid in (0, 2)}  # fmt: skip
@@ -321,6 +323,40 @@ def test_a_client_actor_sends_its_done_marker_with_the_last_request(declared):
     else:
         assert markers == [(2, 0, [(0, n)]), (2, len(uploads[2]), [])]
         assert handle.calls[-1][2] == "done"
+
+
+def test_the_same_node_channel_answers_like_the_server_and_breaks_with_it(ray_session):
+    """A request through the S-Server's Unix socket is served like a Ray call: an upload steps
+    the server, an alignment's answer equals the in-process server's, an error is raised in the
+    client; once the S-Server is gone the channel says so (ChannelBroken). (A client actor then
+    falls back to Ray calls: the S-Server restart tests go through that.)"""
+    ray = ray_session
+    prepared, server = start_server("fsl_sage", "exact")
+    z, y = smashed(prepared, 0, 16)
+    pid = ray.get(server.where.remote())["pid"]
+    try:
+        node, path = ray.get(server.channel.remote())
+        assert node == ray.get_runtime_context().get_node_id()
+        channel = ClientChannel(path)
+        ray.get(server.begin_round.remote(2, 1, [0]))
+        assert channel.request((1, 0, 0, "upload", pack((z, y)), []), answered=False) is None
+        aligned = unpack(channel.request((1, 0, 1, "align", (), []), answered=True), "cpu")
+        with pytest.raises(RoundAborted, match="round attempt 0"):
+            channel.request((0, 0, 0, "align", (), []), answered=True)
+    finally:
+        ray.kill(server, no_restart=True)
+    deadline = time.time() + 30
+    while os.path.exists(f"/proc/{pid}") and time.time() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(ChannelBroken):
+        channel.request((1, 0, 2, "align", (), []), answered=True)
+    channel.close()
+    reference = prepared.algorithm.new_server(torch.device("cpu"))
+    with one_thread():
+        reference.on_upload(0, z, y)
+        expected = reference.on_align(0)
+    assert aligned.keys() == expected.keys()
+    assert all(torch.equal(aligned[k], expected[k]) for k in expected)
 
 
 def test_requests_may_overtake_the_opening_of_their_round(ray_session):
@@ -427,9 +463,11 @@ def test_rounds_are_submitted_one_ahead_except_at_checkpoints_and_the_horizon(ra
             runtime.run_round(t)
             ahead.append(runtime.started.t if runtime.started is not None else None)
             evaluations.append(runtime.evaluate())
+        channels = [ray_session.get(a.where.remote())["channel"] for a in runtime.client_actors]
     finally:
         runtime.close()
     assert ahead == [2, None, None, None]
+    assert channels and all(channels)  # the S-Server is on their node: the channel carried it all
     assert_local_evaluations(cfg, evaluations)
 
 
@@ -521,9 +559,11 @@ cfg = demo_config(server_accelerator="T4", num_clients=4, rounds=1)
 runtime = RayRuntime(prepare(cfg))
 placement = runtime.placement()
 df = run_experiment(cfg, runtime, progress=None)
+channels = [ray.get(a.where.remote())["channel"] for a in runtime.client_actors]
 runtime.close()
 print(json.dumps({"placement": placement, "server_node": gpu_node.node_id,
-                  "head_node": cluster.head_node.node_id, "rounds": len(df)}))
+                  "head_node": cluster.head_node.node_id, "rounds": len(df),
+                  "channels": channels}))
 ray.shutdown()
 cluster.shutdown()
 """
@@ -534,3 +574,4 @@ def test_two_node_cluster_puts_the_s_server_on_the_accelerator_node():
     assert out["placement"]["server"]["node_id"] == out["server_node"]
     assert {c["node_id"] for c in out["placement"]["clients"]} == {out["head_node"]}
     assert out["rounds"] == 1
+    assert out["channels"] == [False, False]  # another node: their requests went as Ray calls
