@@ -15,17 +15,20 @@ gone). Requests carry sequence numbers, so mixing the two paths keeps their orde
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import pickle
 import socket
 import struct
 import tempfile
+import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 ANSWERED = ("exchange", "align")  # request kinds the client waits on; uploads are fire-and-forget
 HEADER = struct.Struct("<Q")  # frame length
-BUFFER_BYTES = 4 << 20  # socket buffers: uploads never wait for the S-Server's current step
+log = logging.getLogger(__name__)
+BUFFER_BYTES = 4 << 20  # a client's send buffer, where the system allows that much
 
 
 class ChannelBroken(ConnectionError):
@@ -37,38 +40,66 @@ def frame(obj: Any) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
-async def serve(handle: Callable[..., Awaitable[Any]]) -> str:
-    """Starts a Unix-socket server on the running event loop; returns its path. Each frame is
-    `(epoch, cid, seq, kind, args, done)`, passed to `handle` as `submit` takes it; an answered
-    request gets back `(True, answer)` or `(False, error)`."""
+def serve(handle: Callable[..., Awaitable[Any]], loop: asyncio.AbstractEventLoop) -> str:
+    """Listens on a Unix socket; returns its path. Each frame is `(epoch, cid, seq, kind, args,
+    done)`, handed to `handle` (as `submit` takes it) on `loop`, in the order it came; an
+    answered request gets back `(True, answer)` or `(False, error)`, sent from the loop as soon
+    as it is answered. A thread per client actor reads the frames, also while the loop computes,
+    so a client never waits for the S-Server's current step to send (as with Ray calls)."""
+    path = os.path.join(tempfile.mkdtemp(prefix="fslsage-s-server-"), "requests.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen()
 
-    async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def answer(conn: socket.socket, message: tuple) -> None:
+        epoch, cid, seq, kind, args, done = message
+        if kind not in ANSWERED:  # fire-and-forget, as a Ray call without get
+            try:
+                await handle(epoch, cid, seq, kind, *args, done=done)
+            except Exception:  # noqa: BLE001 - nobody waits for it
+                log.exception("S-Server channel: a %s request failed", kind)
+            return
+        try:
+            reply = (True, await handle(epoch, cid, seq, kind, *args, done=done))
+        except Exception as e:  # noqa: BLE001 - raised again in the client
+            reply = (False, e)
+        try:
+            data = frame(reply)
+        except Exception as e:  # noqa: BLE001 - an answer or error that does not pickle
+            data = frame((False, RuntimeError(repr(e if reply[0] else reply[1]))))
+        try:
+            conn.sendall(data)  # the client waits in recv for it: no stall
+        except OSError:
+            pass  # the client actor went away
+
+    def read(conn: socket.socket) -> None:
         try:
             while True:
-                (size,) = HEADER.unpack(await reader.readexactly(HEADER.size))
-                epoch, cid, seq, kind, args, done = pickle.loads(await reader.readexactly(size))
-                if kind not in ANSWERED:
-                    await handle(epoch, cid, seq, kind, *args, done=done)
-                    continue
-                try:  # the client waits for this answer, so nothing else comes meanwhile
-                    reply = (True, await handle(epoch, cid, seq, kind, *args, done=done))
-                except Exception as e:  # noqa: BLE001 - raised again in the client
-                    reply = (False, e)
-                try:
-                    data = frame(reply)
-                except Exception as e:  # noqa: BLE001 - an answer or error that does not pickle
-                    failure = e if reply[0] else reply[1]
-                    data = frame((False, RuntimeError(repr(failure))))
-                writer.write(data)
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass  # the client actor went away; what it sent before is filed
-        finally:
-            writer.close()
+                (size,) = HEADER.unpack(_read(conn, HEADER.size))
+                message = pickle.loads(_read(conn, size))
+                # Tasks take their first step in the order they were made: requests are filed
+                # in the order they came
+                asyncio.run_coroutine_threadsafe(answer(conn, message), loop)
+        except (ChannelBroken, OSError):
+            conn.close()  # the client actor went away; what it sent before is filed
 
-    path = os.path.join(tempfile.mkdtemp(prefix="fslsage-s-server-"), "requests.sock")
-    await asyncio.start_unix_server(connection, path, limit=BUFFER_BYTES)
+    def accept() -> None:
+        while True:
+            conn, _ = listener.accept()
+            threading.Thread(target=read, args=(conn,), daemon=True, name="channel-read").start()
+
+    threading.Thread(target=accept, daemon=True, name="channel-accept").start()
     return path
+
+
+def _read(sock: socket.socket, size: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < size:
+        chunk = sock.recv(size - len(buf))
+        if not chunk:
+            raise ChannelBroken("the other end closed the channel")
+        buf += chunk
+    return bytes(buf)
 
 
 class ClientChannel:
@@ -90,22 +121,13 @@ class ClientChannel:
             self.sock.sendall(frame(message))
             if not answered:
                 return None
-            (size,) = HEADER.unpack(self._read(HEADER.size))
-            ok, value = pickle.loads(self._read(size))
+            (size,) = HEADER.unpack(_read(self.sock, HEADER.size))
+            ok, value = pickle.loads(_read(self.sock, size))
         except OSError as e:
             raise ChannelBroken(f"S-Server channel: {e}") from e
         if not ok:
             raise value
         return value
-
-    def _read(self, size: int) -> bytes:
-        buf = bytearray()
-        while len(buf) < size:
-            chunk = self.sock.recv(size - len(buf))
-            if not chunk:
-                raise ChannelBroken("the S-Server closed the channel")
-            buf += chunk
-        return bytes(buf)
 
     def close(self) -> None:
         self.sock.close()

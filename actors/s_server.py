@@ -2,7 +2,9 @@
 
 Every request — an upload, a gradient exchange, an alignment job, a client's "round done"
 marker and the F-Server's control calls — goes into one `asyncio.Queue`, drained by one worker
-coroutine, the only code that touches the server role. Requests carry (epoch, client id,
+coroutine, the only code that touches the server role. Client requests arrive as Ray calls of
+`submit` or, from client actors on this node, through the Unix socket of `actors.channel`,
+which hands them to `submit` as well. Requests carry (epoch, client id,
 sequence number): Ray does not keep the order of calls to an async actor, and a restarted round
 must not see stale requests. Requests of a round attempt that has not begun yet wait for its
 `begin_round`, so the F-Server never waits for that call to return; and a `begin_round` that
@@ -248,7 +250,7 @@ class SServer:
         opened on the first call; no path where this platform has no Unix sockets."""
         if self.channel_path is None:
             try:
-                self.channel_path = await serve(self.submit)
+                self.channel_path = serve(self.submit, asyncio.get_running_loop())
             except (OSError, NotImplementedError, AttributeError) as e:
                 log.warning("no same-node channel, requests go as Ray calls: %r", e)
         return ray.get_runtime_context().get_node_id(), self.channel_path
