@@ -20,8 +20,10 @@ import os
 import pickle
 import socket
 import struct
+import sys
 import tempfile
 import threading
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -46,7 +48,10 @@ def serve(handle: Callable[..., Awaitable[Any]], loop: asyncio.AbstractEventLoop
     answered request gets back `(True, answer)` or `(False, error)`, sent from the loop as soon
     as it is answered. A thread per client actor reads the frames, also while the loop computes,
     so a client never waits for the S-Server's current step to send (as with Ray calls)."""
-    path = os.path.join(tempfile.mkdtemp(prefix="fslsage-s-server-"), "requests.sock")
+    if sys.platform.startswith("linux"):  # an abstract address: nothing left behind on disk
+        path = f"\0fslsage-s-server-{uuid.uuid4().hex}"
+    else:
+        path = os.path.join(tempfile.mkdtemp(prefix="fslsage-s-server-"), "requests.sock")
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen()
@@ -112,7 +117,7 @@ class ClientChannel:
             self.sock.connect(path)
         except OSError as e:
             self.sock.close()
-            raise ChannelBroken(f"cannot reach the S-Server at {path}: {e}") from e
+            raise ChannelBroken(f"cannot reach the S-Server at {path!r}: {e}") from e
 
     def request(self, message: tuple, answered: bool) -> Any:
         """Sends `(epoch, cid, seq, kind, args, done)`; returns the answer if `answered` (an
