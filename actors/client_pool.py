@@ -63,8 +63,7 @@ class ClientActor:
         }
         self.crash_at: tuple[int, int] | None = None
         self.held_done: list[tuple[int, int]] = []  # (cid, seq) of "done" markers not sent yet
-        self.use_channel = channel  # the same-node channel, when the S-Server offers one
-        self.channel: ClientChannel | None = None
+        self.channel: ClientChannel | None = None  # same-node channel, if the S-Server offers one
         self.channel_known = not channel  # asked the S-Server for it (once, or after a break)
 
     def run_round(
@@ -150,7 +149,7 @@ class ClientActor:
         if path is not None and node == ray.get_runtime_context().get_node_id():
             try:
                 self.channel = ClientChannel(path)
-            except ChannelBroken:  # e.g. a node whose temp directories are not shared
+            except ChannelBroken:  # e.g. the S-Server restarted since it answered: Ray calls
                 self.channel = None
 
     def state(self) -> bytes:
