@@ -59,6 +59,9 @@ class Config:
     align_targets: Literal["lazy", "eager"] = "lazy"
     server_mode: Literal["stateful"] = "stateful"
     comm_budget_gib: float = 200.0
+    network: str = "equal"  # client profiles (SPEC §6): a name in fslsage.simulation.PROFILES
+    network_args: dict = field(default_factory=dict)
+    server_gflops: float = 10000.0  # the S-Server's FLOP/s in the simulated clock, in GFLOP/s
     target_acc: float = 0.8
     seed: int = 0
     runtime: Literal["local", "ray"] = "local"
@@ -87,7 +90,7 @@ _TYPES = get_type_hints(Config)
 FIELD_TYPES = _TYPES  # key → annotated type, for the sweep's search-space translation
 
 # Range rules for numeric keys, checked after types.
-_POSITIVE = ("alpha", "lr", "align_lr", "comm_budget_gib", "client_cpus")
+_POSITIVE = ("alpha", "lr", "align_lr", "comm_budget_gib", "client_cpus", "server_gflops")
 _AT_LEAST_ONE = (
     "num_clients", "rounds", "local_epochs", "batch_size", "eval_batch_size", "shards_per_client",
     "server_update_interval", "align_interval", "align_buffer_size", "align_epochs",
@@ -167,14 +170,20 @@ def _check_registries(cfg: Config) -> None:
     from fslsage.data import DATASETS, PARTITIONS, describe_dataset
     from fslsage.models import MODELS, ModelArgError, build_model
     from fslsage.registry import UnknownNameError
+    from fslsage.simulation import PROFILES, client_profiles
 
     for key, registry in (
         ("algorithm", ALGORITHMS), ("dataset", DATASETS), ("partition", PARTITIONS),
+        ("network", PROFILES),
     ):  # fmt: skip
         try:
             registry.get(getattr(cfg, key))
         except UnknownNameError as e:
             raise ConfigError(key, str(e)) from None
+    try:
+        client_profiles(cfg.network, cfg.num_clients, cfg.seed, cfg.network_args)
+    except (TypeError, ValueError) as e:
+        raise ConfigError("network_args", str(e)) from None
     try:
         info = describe_dataset(cfg.dataset, **cfg.dataset_args)
     except (TypeError, ValueError) as e:  # an unknown dataset_arg or a bad value of one
@@ -198,7 +207,7 @@ def _check_registries(cfg: Config) -> None:
         raise ConfigError("model" if incompatible else "model_args", str(e)) from None
     for key, registry in (
         ("algorithm", ALGORITHMS), ("dataset", DATASETS), ("partition", PARTITIONS),
-        ("model", MODELS),
+        ("model", MODELS), ("network", PROFILES),
     ):  # fmt: skip
         for value in search_choices(cfg.search.get(key)):
             try:

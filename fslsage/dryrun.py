@@ -1,41 +1,86 @@
-"""The per-round communication ledger of a config without training or data (SPEC §3):
-shapes come from the model (built on the meta device) and the dataset's metadata."""
+"""The plan of a config without training or data (SPEC §3, §6): the per-round communication
+ledger and the simulated clock. Shapes and FLOPs come from the model (built on the meta device)
+and the dataset's metadata."""
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 
 import torch
 
-from fslsage.algorithms.base import TrafficSizes
+from fslsage.algorithms import build_algorithm
+from fslsage.algorithms.base import Algorithm, ComputeCosts, TrafficSizes
 from fslsage.config import Config
 from fslsage.data import client_sizes, describe_dataset, local_batch_sizes
 from fslsage.data.base import CLASSIFICATION
-from fslsage.experiment import build_algorithm
 from fslsage.ledger import Ledger
-from fslsage.models import cut_shape, state_bytes
+from fslsage.models import cut_shape, dummy_input, state_bytes, training_flops
+from fslsage.simulation import RoundClock, client_profiles
 
 LABEL_BYTES = torch.empty((), dtype=torch.int64).element_size()
 
 
-def traffic_sizes(cfg: Config) -> TrafficSizes:
+def meta_algorithm(cfg: Config) -> Algorithm:
+    """The config's algorithm with its model on the meta device: shapes, no memory."""
     info = describe_dataset(cfg.dataset, **cfg.dataset_args)
     with torch.device("meta"):
-        algo = build_algorithm(cfg, info)
-        z_shape = cut_shape(algo.split, info)
-        parts = {name: state_bytes(m) for name, m in algo.client_modules().items()}
+        return build_algorithm(cfg, info)
+
+
+def traffic_sizes(cfg: Config, algo: Algorithm | None = None) -> TrafficSizes:
+    info = describe_dataset(cfg.dataset, **cfg.dataset_args)
+    algo = algo or meta_algorithm(cfg)
+    z_shape = cut_shape(algo.split, info)
+    parts = {name: state_bytes(m) for name, m in algo.client_modules().items()}
     activation = math.prod(z_shape) * torch.empty((), dtype=torch.float32).element_size()
     labels_per_sample = 1 if info.task == CLASSIFICATION else info.input_shape[0]
     return TrafficSizes(activation, labels_per_sample * LABEL_BYTES, parts)
 
 
-def planned_ledger(cfg: Config) -> Ledger:
+def compute_costs(cfg: Config) -> ComputeCosts:
+    """Per-sample training FLOPs of the client, server and aux models of this config."""
+    return _compute_costs(cfg.model, json.dumps(cfg.model_args, sort_keys=True),
+                          cfg.dataset, json.dumps(cfg.dataset_args, sort_keys=True))  # fmt: skip
+
+
+@functools.lru_cache(maxsize=16)  # the same model in every trial of a sweep: count it once
+def _compute_costs(model: str, model_args: str, dataset: str, dataset_args: str) -> ComputeCosts:
+    info = describe_dataset(dataset, **json.loads(dataset_args))
+    cfg = Config(model=model, model_args=json.loads(model_args), dataset=dataset,
+                 dataset_args=json.loads(dataset_args))  # fmt: skip
+    split = meta_algorithm(cfg).split
+    z = torch.zeros((1, *cut_shape(split, info)), device="meta")
+    return ComputeCosts(
+        client_model=float(training_flops(split.client, dummy_input(info))),
+        server_model=float(training_flops(split.server, z)),
+        aux_model=float(training_flops(split.aux, z)),
+    )
+
+
+def planned_client_sizes(cfg: Config) -> list[int]:
     info = describe_dataset(cfg.dataset, **cfg.dataset_args)
-    with torch.device("meta"):
-        algo = build_algorithm(cfg, info)
-    sizes = traffic_sizes(cfg)
+    return client_sizes(cfg.partition, info.num_train, cfg.num_clients, cfg.shards_per_client)
+
+
+def planned_clock(cfg: Config) -> RoundClock:
+    """The simulated clock of SPEC §6 for this config."""
+    algo = meta_algorithm(cfg)
+    return RoundClock(
+        algo,
+        traffic_sizes(cfg, algo),
+        compute_costs(cfg),
+        planned_client_sizes(cfg),
+        client_profiles(cfg.network, cfg.num_clients, cfg.seed, cfg.network_args),
+        server_flops=cfg.server_gflops * 1e9,
+    )
+
+
+def planned_ledger(cfg: Config) -> Ledger:
+    algo = meta_algorithm(cfg)
+    sizes, counts = traffic_sizes(cfg, algo), planned_client_sizes(cfg)
     ledger = Ledger()
-    counts = client_sizes(cfg.partition, info.num_train, cfg.num_clients, cfg.shards_per_client)
     for t in range(1, cfg.rounds + 1):
         for cid, n in enumerate(counts):
             batches = local_batch_sizes(n, cfg.batch_size, cfg.local_epochs)
@@ -45,11 +90,13 @@ def planned_ledger(cfg: Config) -> Ledger:
 
 
 def planned_rounds(cfg: Config) -> list[dict]:
-    """Per-round ledger summaries, stopping at the communication budget like a real run."""
-    ledger = planned_ledger(cfg)
-    out = []
+    """Per-round ledger summaries with the cumulative simulated time (`sim_time_s`), stopping
+    at the communication budget like a real run."""
+    ledger, clock = planned_ledger(cfg), planned_clock(cfg)
+    out, sim_time_s = [], 0.0
     for t in ledger.rounds():
-        out.append(ledger.round_summary(t))
+        sim_time_s += clock.round_seconds(t, ledger)
+        out.append({**ledger.round_summary(t), "sim_time_s": sim_time_s})
         if ledger.gib(through_round=t) >= cfg.comm_budget_gib:
             break
     return out

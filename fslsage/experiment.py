@@ -15,18 +15,19 @@ import pandas as pd
 import torch
 from torch import nn
 
-from fslsage.algorithms import ALGORITHMS
+from fslsage.algorithms import build_algorithm
 from fslsage.algorithms.base import IGNORE_INDEX, Algorithm, ClientReport, State, loss_fn
 from fslsage.config import Config
 from fslsage.data import ClientShard, label_histogram, load_dataset, partition, prepare_inputs
 from fslsage.data.base import CLASSIFICATION, Dataset, DatasetInfo
+from fslsage.dryrun import planned_clock
 from fslsage.ledger import Ledger
-from fslsage.models import build_model
 from fslsage.results import write_parquet_atomic
 from fslsage.transport import local_send, run_client_round
 
 METRIC_COLUMNS = [
-    "round", "test_acc", "test_loss", "train_loss", "comm_gib", "up_gib", "down_gib", "wall_s",
+    "round", "test_acc", "test_loss", "train_loss", "comm_gib", "up_gib", "down_gib",
+    "sim_time_s", "wall_s",
 ]  # fmt: skip
 
 
@@ -38,13 +39,6 @@ def resolve_device(cfg: Config) -> torch.device:
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(cfg.device)
-
-
-def build_algorithm(cfg: Config, info: DatasetInfo) -> Algorithm:
-    """The algorithm with its global initial model; seeded so every runtime starts identically."""
-    torch.manual_seed(cfg.seed)
-    split = build_model(cfg.model, info, **cfg.model_args)
-    return ALGORITHMS.get(cfg.algorithm)(cfg, split)
 
 
 @dataclass
@@ -189,7 +183,8 @@ def progress_line(cfg: Config, row: dict) -> str:
     return (
         f"[{cfg.name}] {cfg.algorithm} round {row['round']:>3}/{cfg.rounds}  "
         f"comm {row['comm_gib']:9.4f} GiB  test_acc {row['test_acc']:.4f}  "
-        f"test_loss {row['test_loss']:.4f}  elapsed {row['wall_s']:.1f}s"
+        f"test_loss {row['test_loss']:.4f}  sim {row['sim_time_s']:.1f}s  "
+        f"elapsed {row['wall_s']:.1f}s"
     )
 
 
@@ -202,9 +197,12 @@ def run_experiment(
 ) -> pd.DataFrame:
     """The F-Server loop: rounds until `rounds` or the communication budget; one metrics row per
     round, rewritten atomically to OUT/metrics.parquet after every round. The next round is
-    started before this one's evaluation is read, so a runtime that can overlaps them."""
+    started before this one's evaluation is read, so a runtime that can overlaps them.
+    `sim_time_s` is the simulated wall-clock of SPEC §6 (`fslsage.simulation`)."""
     ledger = Ledger()
+    clock = planned_clock(cfg)
     rows: list[dict] = []
+    sim_time_s = 0.0
     start = time.perf_counter()
     for t in range(1, cfg.rounds + 1):
         outcome = runtime.run_round(t)
@@ -214,6 +212,7 @@ def run_experiment(
         if t < cfg.rounds and ledger.gib() < cfg.comm_budget_gib:
             runtime.start_round(t + 1)
         test_loss, test_acc = runtime.evaluate()
+        sim_time_s += clock.round_seconds(t, ledger)
         row = {
             "round": t,
             "test_acc": test_acc,
@@ -222,6 +221,7 @@ def run_experiment(
             "comm_gib": ledger.gib(),
             "up_gib": ledger.gib("up"),
             "down_gib": ledger.gib("down"),
+            "sim_time_s": sim_time_s,
             "wall_s": time.perf_counter() - start,
         }
         if cfg.algorithm == "fsl_sage":

@@ -80,9 +80,12 @@ class Ledger:
 
 
 def format_round_table(summaries: list[dict]) -> str:
-    """The dry-run table: one line per round with per-kind bytes and cumulative GiB."""
+    """The dry-run table: one line per round with per-kind bytes and cumulative GiB (and the
+    cumulative simulated time, where the summaries carry `sim_time_s`)."""
     kinds = [k for k in KINDS if any(k in s["by_kind"] for s in summaries)]
+    timed = bool(summaries) and all("sim_time_s" in s for s in summaries)
     header = ["round", *[f"{k} up/down (MiB)" for k in kinds], "round GiB", "total GiB"]
+    header += ["sim time (s)"] if timed else []
     rows, total = [], 0
     for s in summaries:
         round_bytes = s["up_bytes"] + s["down_bytes"]
@@ -92,6 +95,7 @@ def format_round_table(summaries: list[dict]) -> str:
             v = s["by_kind"].get(k, {"up": 0, "down": 0})
             cells.append(f"{v['up'] / 2**20:.2f} / {v['down'] / 2**20:.2f}")
         cells += [f"{round_bytes / GIB:.4f}", f"{total / GIB:.4f}"]
+        cells += [f"{s['sim_time_s']:.1f}"] if timed else []
         rows.append(cells)
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     fmt = "  ".join(f"{{:>{w}}}" for w in widths)

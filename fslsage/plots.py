@@ -1,4 +1,5 @@
-"""Result plots: accuracy against communication (the paper's figure) and against alpha."""
+"""Result plots: accuracy against communication (the paper's figure), against simulated time
+(SPEC §6) and against alpha."""
 
 from __future__ import annotations
 
@@ -23,9 +24,15 @@ PAPER_LABELS = {
 }
 
 
-def plot_acc_vs_comm(metrics: pd.DataFrame, path: str | Path, title: str = "") -> Path:
+X_LABELS = {"comm_gib": "communication (GiB)", "sim_time_s": "simulated time (s)"}
+
+
+def plot_acc_vs_comm(
+    metrics: pd.DataFrame, path: str | Path, title: str = "", x: str = "comm_gib"
+) -> Path:
     """One curve per algorithm (per trial when several share an algorithm): test accuracy
-    against cumulative communication in GiB."""
+    against cumulative communication in GiB (or another cumulative column `x`, such as
+    `sim_time_s`)."""
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     group_keys = ["algorithm"] + (["trial"] if "trial" in metrics else [])
     for key, run in metrics.sort_values("round").groupby(group_keys, sort=True):
@@ -33,8 +40,8 @@ def plot_acc_vs_comm(metrics: pd.DataFrame, path: str | Path, title: str = "") -
         label = PAPER_LABELS.get(key[0], key[0])
         if len(key) > 1 and metrics.groupby("algorithm")["trial"].nunique()[key[0]] > 1:
             label = f"{label} ({key[1]})"
-        ax.plot(run.comm_gib, run.test_acc, marker=".", label=label)
-    ax.set_xlabel("communication (GiB)")
+        ax.plot(run[x], run.test_acc, marker=".", label=label)
+    ax.set_xlabel(X_LABELS.get(x, x))
     ax.set_ylabel("test accuracy")
     ax.set_title(title)
     return _save(fig, ax, path)

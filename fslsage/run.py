@@ -70,7 +70,8 @@ def train(cfg: Config, out: Path, address: str | None) -> None:
         runtime.close()
     last = df.iloc[-1]
     print(f"done: {len(df)} rounds, test_acc {last.test_acc:.4f}, comm {last.comm_gib:.4f} GiB, "
-          f"{last.wall_s:.1f}s; metrics in {out / 'metrics.parquet'}")  # fmt: skip
+          f"simulated {last.sim_time_s:.1f}s, {last.wall_s:.1f}s; "
+          f"metrics in {out / 'metrics.parquet'}")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,7 @@ UPLOADS = [k for k in range(20) if k % Q == 0]  # k = 0, 5, 10, 15: all full bat
 
 MODEL_BOTH_WAYS = {"up": CLIENT_MODEL * CLIENTS, "down": CLIENT_MODEL * CLIENTS}
 METRICS = ["round", "test_acc", "test_loss", "train_loss", "comm_gib", "up_gib", "down_gib"]
-METRICS += ["wall_s"]
+METRICS += ["sim_time_s", "wall_s"]
 
 
 @pytest.fixture
@@ -66,7 +66,10 @@ def test_dry_run_table(capsys, empty_data):
     assert header[0] == "round" and "activations" in header and "GiB" in header
     assert [r[0] for r in rows] == ["1", "2", "3"]
     total = 3 * (len(UPLOADS) * BATCH * (CUT + LABEL) + 2 * CLIENT_MODEL) * CLIENTS
-    assert rows[-1][-1] == f"{total / 2**30:.4f}"  # cumulative GiB
+    assert rows[-1][-2] == f"{total / 2**30:.4f}"  # cumulative GiB
+    assert lines[1].endswith("sim time (s)")  # SPEC §6: cumulative simulated seconds, rising
+    sim = [float(r[-1]) for r in rows]
+    assert 0 < sim[0] < sim[1] < sim[2]
     assert list(empty_data.iterdir()) == []  # no data was fetched
 
 
@@ -76,7 +79,7 @@ def test_dry_run_json_shape(capsys, empty_data):
     assert d["algorithm"] == "fsl_sage"
     assert [r["round"] for r in d["rounds"]] == [1, 2, 3]
     for r in d["rounds"]:
-        assert set(r) == {"round", "up_bytes", "down_bytes", "by_kind"}
+        assert set(r) == {"round", "up_bytes", "down_bytes", "by_kind", "sim_time_s"}
         assert isinstance(r["up_bytes"], int) and isinstance(r["down_bytes"], int)
         assert r["up_bytes"] == sum(v["up"] for v in r["by_kind"].values())
         assert r["down_bytes"] == sum(v["down"] for v in r["by_kind"].values())
@@ -164,6 +167,10 @@ def test_training_run_writes_metrics(capsys, tmp_path):
     assert df["wall_s"].is_monotonic_increasing
     assert df["align_loss"].notna().iloc[-1]  # align_interval 2: aligned at round 2
     assert (out_dir / "partition.csv").is_file()
+    # the simulated clock of the run (its ledger) is the one the dry-run plans
+    planned = dry_json(capsys, ["--config", str(DEMO), "--set", "rounds=2"])["rounds"]
+    assert df["sim_time_s"].tolist() == pytest.approx([r["sim_time_s"] for r in planned])
+    assert 0 < df["sim_time_s"].iloc[0] < df["sim_time_s"].iloc[1]
 
 
 def test_training_run_without_alignment_has_no_align_loss(capsys, tmp_path):

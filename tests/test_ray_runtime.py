@@ -27,7 +27,7 @@ from actors.s_server import RoundAborted
 from fslsage.algorithms.base import cut_gradient, loss_fn, server_step
 from fslsage.experiment import LocalRuntime, evaluate, prepare, run_experiment
 
-METRICS = ["test_acc", "test_loss", "comm_gib"]
+METRICS = ["test_acc", "test_loss", "comm_gib", "sim_time_s"]
 
 
 @contextmanager

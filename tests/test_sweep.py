@@ -73,7 +73,7 @@ def test_grid_sweep_lands_in_parquet_summary_plots_and_mlflow(
     assert len(metrics) == 4 * 2
     assert not metrics.duplicated(["trial_id", "round"]).any()
     assert {"trial", "trial_id", "algorithm", "alpha", "round", "test_acc", "comm_gib", "up_gib",
-            "down_gib", "wall_s", "align_loss"} <= set(metrics.columns)  # fmt: skip
+            "down_gib", "sim_time_s", "wall_s", "align_loss"} <= set(metrics.columns)  # fmt: skip
     assert set(zip(metrics.algorithm, metrics.alpha, strict=True)) == {
         (a, x) for a in ("fedavg", "fsl_sage") for x in (0.1, 1.0)
     }
@@ -81,12 +81,16 @@ def test_grid_sweep_lands_in_parquet_summary_plots_and_mlflow(
 
     summary = pd.read_csv(out / "summary.csv")
     assert len(summary) == 4 and (summary.status == "finished").all()
-    assert {"final_acc", "best_acc", "acc_at_budget", "gib_to_target", "error"} <= set(summary)
+    assert {"final_acc", "best_acc", "acc_at_budget", "gib_to_target", "sim_s_to_target",
+            "sim_time_s", "error"} <= set(summary)  # fmt: skip
     last = metrics.sort_values("round").groupby("trial_id").tail(1).set_index("trial_id")
     assert summary.set_index("trial_id").final_acc.to_dict() == pytest.approx(
         last.test_acc.to_dict()
     )
-    for png in ("acc_vs_comm.png", "acc_vs_alpha.png"):
+    assert summary.set_index("trial_id").sim_time_s.to_dict() == pytest.approx(
+        last.sim_time_s.to_dict()
+    )
+    for png in ("acc_vs_comm.png", "acc_vs_time.png", "acc_vs_alpha.png"):
         assert (out / png).read_bytes()[:8] == PNG
 
     parent, children = runs(results, "grid")
@@ -95,11 +99,12 @@ def test_grid_sweep_lands_in_parquet_summary_plots_and_mlflow(
     assert set(children["params.alpha"]) == {"0.1", "1.0"}
     assert set(children["params.algorithm"]) == {"fedavg", "fsl_sage"}
     for run_id, algorithm in zip(children.run_id, children["params.algorithm"], strict=True):
-        for key in ("test_acc", "test_loss", "train_loss", "comm_gib", "up_gib", "wall_s"):
+        for key in ("test_acc", "test_loss", "train_loss", "comm_gib", "up_gib", "sim_time_s",
+                    "wall_s"):  # fmt: skip
             assert steps(run_id, key) == [1, 2]
         assert steps(run_id, "align_loss") == ([1, 2] if algorithm == "fsl_sage" else [])
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.run_id)}
-    assert {"acc_vs_comm.png", "acc_vs_alpha.png", "summary.csv"} <= artifacts
+    assert {"acc_vs_comm.png", "acc_vs_time.png", "acc_vs_alpha.png", "summary.csv"} <= artifacts
 
     printed = capsys.readouterr().out
     assert printed.count(" round   2  comm") == 4  # one line per trial and round

@@ -23,8 +23,8 @@ from tune.tracking import error_reason
 
 ID_COLUMNS = ["trial", "trial_id", "algorithm", "alpha"]
 SUMMARY_COLUMNS = [
-    "status", "rounds", "final_acc", "best_acc", "acc_at_budget", "gib_to_target", "comm_gib",
-    "wall_s", "error",
+    "status", "rounds", "final_acc", "best_acc", "acc_at_budget", "gib_to_target",
+    "sim_s_to_target", "comm_gib", "sim_time_s", "wall_s", "error",
 ]  # fmt: skip
 
 
@@ -44,11 +44,12 @@ def trial_metrics(frame: pd.DataFrame | None) -> pd.DataFrame:
 
 def trial_summary(cfg: Config, rows: pd.DataFrame) -> dict[str, Any]:
     """Final and best accuracy, accuracy when the budget is spent (the last round within it)
-    and the GiB at which `target_acc` was first reached (NaN: never)."""
+    and the GiB and simulated seconds at which `target_acc` was first reached (NaN: never)."""
     nan = float("nan")
     if rows.empty:
         return {"rounds": 0, "final_acc": nan, "best_acc": nan, "acc_at_budget": nan,
-                "gib_to_target": nan, "comm_gib": nan, "wall_s": nan}  # fmt: skip
+                "gib_to_target": nan, "sim_s_to_target": nan, "comm_gib": nan,
+                "sim_time_s": nan, "wall_s": nan}  # fmt: skip
     within = rows[rows.comm_gib <= cfg.comm_budget_gib]
     reached = rows[rows.test_acc >= cfg.target_acc]
     return {
@@ -57,7 +58,9 @@ def trial_summary(cfg: Config, rows: pd.DataFrame) -> dict[str, Any]:
         "best_acc": float(rows.test_acc.max()),
         "acc_at_budget": float(within.test_acc.iloc[-1]) if len(within) else nan,
         "gib_to_target": float(reached.comm_gib.iloc[0]) if len(reached) else nan,
+        "sim_s_to_target": float(reached.sim_time_s.iloc[0]) if len(reached) else nan,
         "comm_gib": float(rows.comm_gib.iloc[-1]),
+        "sim_time_s": float(rows.sim_time_s.iloc[-1]),
         "wall_s": float(rows.wall_s.iloc[-1]),
     }
 
@@ -113,15 +116,17 @@ def _unique(labels: list[str], algorithms: list[str]) -> list[str]:
 
 def write_results(out: Path, metrics: pd.DataFrame, summary: pd.DataFrame,
                   title: str) -> list[Path]:  # fmt: skip
-    """metrics.parquet, summary.csv, acc_vs_comm.png and (when alpha varies) acc_vs_alpha.png;
-    a plot with nothing to show is removed rather than left from an earlier run."""
+    """metrics.parquet, summary.csv, acc_vs_comm.png, acc_vs_time.png (simulated time) and,
+    when alpha varies, acc_vs_alpha.png; a plot with nothing to show is removed rather than left
+    from an earlier run."""
     written = [write_parquet_atomic(metrics, out / "metrics.parquet"),
                write_csv_atomic(summary, out / "summary.csv")]  # fmt: skip
-    comm_png, alpha_png = out / "acc_vs_comm.png", out / "acc_vs_alpha.png"
-    if len(metrics):
-        written.append(plot_acc_vs_comm(metrics, comm_png, title=title))
-    else:
-        comm_png.unlink(missing_ok=True)
+    for x, png in (("comm_gib", out / "acc_vs_comm.png"), ("sim_time_s", out / "acc_vs_time.png")):
+        if len(metrics):
+            written.append(plot_acc_vs_comm(metrics, png, title=title, x=x))
+        else:
+            png.unlink(missing_ok=True)
+    alpha_png = out / "acc_vs_alpha.png"
     ok = summary[summary.final_acc.notna()]
     if ok.alpha.nunique() > 1:
         written.append(plot_acc_vs_alpha(ok, alpha_png))

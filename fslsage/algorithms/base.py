@@ -178,6 +178,16 @@ class TrafficSizes:
     part_bytes: dict[str, int]  # communicated bytes of each client part (client_model, aux_model)
 
 
+@dataclass(frozen=True)
+class ComputeCosts:
+    """FLOPs of one sample's forward and backward pass through each part of the split model
+    (the simulated clock of SPEC §6 is computed from them; no data needed)."""
+
+    client_model: float
+    server_model: float
+    aux_model: float
+
+
 Transfer = tuple[str, str, int]  # (kind, direction, bytes)
 
 
@@ -249,7 +259,7 @@ class Algorithm:
         client.load_state_dict(global_weights["client_model"], strict=False)
         return nn.Sequential(client, server_model)
 
-    # -- the paper's communication accounting (dry-run) -----------------------------------------
+    # -- the plan: communication (the paper's accounting) and compute; no data needed --------------
     def planned_traffic(
         self, t: int, batch_sizes: list[int], sizes: TrafficSizes
     ) -> list[Transfer]:
@@ -263,6 +273,15 @@ class Algorithm:
         self, t: int, batch_sizes: list[int], sizes: TrafficSizes
     ) -> list[Transfer]:
         return []
+
+    def planned_compute(
+        self, t: int, batch_sizes: list[int], costs: ComputeCosts
+    ) -> tuple[float, float]:
+        """FLOPs of one client's round *t*: (on the client, on the S-Server for this client).
+        Split learning's by default: every sample passes forward and back through the client
+        model and the server model."""
+        n = sum(batch_sizes)
+        return n * costs.client_model, n * costs.server_model
 
 
 def client_generator(seed: int, cid: int, device: torch.device | str = "cpu") -> torch.Generator:

@@ -11,6 +11,7 @@ from fslsage.algorithms.base import (
     Algorithm,
     Batches,
     Client,
+    ComputeCosts,
     Server,
     ServerLink,
     TrafficSizes,
@@ -60,3 +61,9 @@ class CSEFSL(Algorithm):
     def planned_batch_traffic(self, t: int, batch_sizes: list[int], sizes: TrafficSizes):
         return exchange_traffic(uploads(batch_sizes, self.cfg.server_update_interval), sizes,
                                 gradients=False)  # fmt: skip
+
+    def planned_compute(self, t: int, batch_sizes: list[int], costs: ComputeCosts):
+        uploaded = sum(uploads(batch_sizes, self.cfg.server_update_interval))
+        return sum(batch_sizes) * (costs.client_model + costs.aux_model), (
+            uploaded * costs.server_model
+        )

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from fslsage.algorithms import ALGORITHMS
-from fslsage.algorithms.base import Algorithm, Batches, Client, ServerLink, loss_fn
+from fslsage.algorithms.base import Algorithm, Batches, Client, ComputeCosts, ServerLink, loss_fn
 
 
 @ALGORITHMS.register("fedavg")
@@ -32,6 +32,9 @@ class FedAvg(Algorithm):
 
     def server_requests(self, t: int, batch_sizes: list[int]) -> int:
         return 0
+
+    def planned_compute(self, t: int, batch_sizes: list[int], costs: ComputeCosts):
+        return sum(batch_sizes) * (costs.client_model + costs.server_model), 0.0
 
     def eval_module(self, global_weights, server_model, device) -> nn.Module:
         model = self.client_modules()["client_model"].to(device)

@@ -32,6 +32,7 @@ from fslsage.algorithms.base import (
     Algorithm,
     Batches,
     Client,
+    ComputeCosts,
     ServerLink,
     TrafficSizes,
     clone_state,
@@ -162,3 +163,21 @@ class FSLSAGE(Algorithm):
         if t % self.cfg.align_interval == 0:
             out.append(("aux_model", "down", sizes.part_bytes["aux_model"]))
         return out
+
+    def planned_compute(self, t: int, batch_sizes: list[int], costs: ComputeCosts):
+        """The client: its model and ĝ through aux per sample. The S-Server: a step per uploaded
+        sample, one target per sample (eager: at upload; lazy: for the buffer at alignment),
+        and alignment epochs whose double backward costs about two aux passes per sample."""
+        cfg = self.cfg
+        uploaded = sum(uploads(batch_sizes, cfg.server_update_interval))
+        client = sum(batch_sizes) * (costs.client_model + costs.aux_model)
+        server = uploaded * costs.server_model
+        if cfg.align_targets == "eager":
+            server += uploaded * costs.server_model
+        if t % cfg.align_interval == 0:
+            # alignment opens round t: the FIFO holds the uploads of rounds 1 .. t − 1
+            buffered = min(cfg.align_buffer_size, (t - 1) * uploaded)
+            if cfg.align_targets == "lazy":
+                server += buffered * costs.server_model
+            server += cfg.align_epochs * buffered * 2 * costs.aux_model
+        return client, server

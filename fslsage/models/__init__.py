@@ -13,7 +13,13 @@ import inspect
 from fslsage.data.base import DatasetInfo
 from fslsage.models import alexnet_gas, digits_cnn, gpt2, resnet, simple_conv  # noqa: F401
 from fslsage.models.base import MODELS, ModelBuilder, SplitModel
-from fslsage.models.common import communicated_state, cut_shape, state_bytes
+from fslsage.models.common import (
+    communicated_state,
+    cut_shape,
+    dummy_input,
+    state_bytes,
+    training_flops,
+)
 
 
 class ModelArgError(TypeError, ValueError):
@@ -52,6 +58,8 @@ __all__ = [
     "build_model",
     "communicated_state",
     "cut_shape",
+    "dummy_input",
     "model_arg_names",
     "state_bytes",
+    "training_flops",
 ]

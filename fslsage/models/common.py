@@ -11,6 +11,7 @@ import math
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils.flop_counter import FlopCounterMode
 
 from fslsage.data.base import CLASSIFICATION, LANGUAGE_MODELING, DatasetInfo
 from fslsage.models.base import SplitModel
@@ -81,6 +82,34 @@ def flatten_linear(in_shape: tuple[int, ...], num_classes: int) -> nn.Sequential
 def cut_shape(split: SplitModel, info: DatasetInfo) -> tuple[int, ...]:
     """Per-sample shape of the smashed data z = client(x) for this dataset (runs on meta)."""
     return probe_shape("split model", info, split.client)
+
+
+def training_flops(module: nn.Module, x: Tensor) -> int:
+    """FLOPs of one forward and backward pass of ``module`` on the batch ``x`` (matrix products
+    and convolutions, as PyTorch's flop counter counts them). Runs on meta like `output_shape`,
+    in eval mode so a batch of one passes BatchNorm; a float input gets a gradient too, as the
+    cut-layer activations do on the S-Server and in an auxiliary model."""
+    named = [
+        *module.named_parameters(remove_duplicate=False),
+        *module.named_buffers(remove_duplicate=False),
+    ]
+    meta_state = {
+        name: torch.empty_like(t, device="meta").requires_grad_(t.requires_grad)
+        for name, t in named
+    }
+    x = x.to("meta")
+    if x.is_floating_point():
+        x = x.detach().requires_grad_(True)
+    was_training = module.training
+    module.eval()
+    try:
+        with FlopCounterMode(display=False) as counter:
+            out = functional_call(module, meta_state, (x,), tie_weights=False)
+            if out.requires_grad:
+                out.float().sum().backward()
+    finally:
+        module.train(was_training)
+    return int(counter.get_total_flops())
 
 
 def _communicated_vars(module: nn.Module) -> dict[str, Tensor]:
