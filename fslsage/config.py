@@ -58,8 +58,18 @@ class Config:
     align_lr: float = 1e-3
     align_targets: Literal["lazy", "eager"] = "lazy"
     server_mode: Literal["stateful"] = "stateful"
+    # gas (asynchronous; runtime local): a round is one global iteration
+    local_iters: int = 20  # a client's steps before it uploads its model
+    model_buffer: int = 10  # uploaded models averaged into one global iteration
+    activation_buffer: int = 10  # batches the S-Server collects before its step
+    per_label: int = 0  # real + generated activations per label in a server step; 0: batch_size
+    active_clients: int = 0  # clients training at once; 0: all
+    # label-wise Gaussians: full covariance, its diagonal, or auto (diag above 1024 features)
+    activation_covariance: Literal["auto", "full", "diag"] = "auto"
+    server_lr_decay: bool = False  # server lr η₀/√t in global iteration t
     comm_budget_gib: float = 200.0
-    network: str = "equal"  # client profiles (SPEC §6): a name in fslsage.simulation.PROFILES
+    # client profiles (SPEC §6): a name in fslsage.simulation.PROFILES, or auto (see below)
+    network: str = "auto"
     network_args: dict = field(default_factory=dict)
     server_gflops: float = 10000.0  # the S-Server's FLOP/s in the simulated clock, in GFLOP/s
     target_acc: float = 0.8
@@ -78,6 +88,13 @@ class Config:
     checkpoint_every: int = 0
     search: dict = field(default_factory=dict)
 
+    @property
+    def network_profile(self) -> str:
+        """`network` with "auto" resolved: GAS's wireless setting for gas, else all equal."""
+        if self.network != "auto":
+            return self.network
+        return "wireless" if self.algorithm == "gas" else "equal"
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -94,11 +111,11 @@ _POSITIVE = ("alpha", "lr", "align_lr", "comm_budget_gib", "client_cpus", "serve
 _AT_LEAST_ONE = (
     "num_clients", "rounds", "local_epochs", "batch_size", "eval_batch_size", "shards_per_client",
     "server_update_interval", "align_interval", "align_buffer_size", "align_epochs",
-    "align_batch_size", "max_batch",
+    "align_batch_size", "max_batch", "local_iters", "model_buffer", "activation_buffer",
 )  # fmt: skip
 _NON_NEGATIVE = (
     "weight_decay", "client_gpus", "server_gpus", "max_wait_ms", "checkpoint_every",
-    "num_client_actors",
+    "num_client_actors", "per_label", "active_clients",
 )  # fmt: skip
 
 SEARCH_SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -158,6 +175,17 @@ def _check_range(cfg: Config) -> None:
         raise ConfigError(
             "client_gpus", f"a client actor gets at most 1 GPU, got {cfg.client_gpus}"
         )
+    if cfg.active_clients > cfg.num_clients:
+        raise ConfigError(
+            "active_clients",
+            f"at most num_clients={cfg.num_clients} can train at once, got {cfg.active_clients}",
+        )
+    if cfg.algorithm == "gas" and cfg.runtime != "local":
+        raise ConfigError(
+            "runtime",
+            "gas runs on the local runtime: its event loop advances one client at a time in "
+            "simulated time, so Ray actors would add hops and no parallelism",
+        )
     if not cfg.name or "/" in cfg.name:
         raise ConfigError("name", f"must be a non-empty name without '/', got {cfg.name!r}")
 
@@ -172,22 +200,26 @@ def _check_registries(cfg: Config) -> None:
     from fslsage.registry import UnknownNameError
     from fslsage.simulation import PROFILES, client_profiles
 
-    for key, registry in (
-        ("algorithm", ALGORITHMS), ("dataset", DATASETS), ("partition", PARTITIONS),
-        ("network", PROFILES),
+    for key, registry, value in (
+        ("algorithm", ALGORITHMS, cfg.algorithm), ("dataset", DATASETS, cfg.dataset),
+        ("partition", PARTITIONS, cfg.partition), ("network", PROFILES, cfg.network_profile),
     ):  # fmt: skip
         try:
-            registry.get(getattr(cfg, key))
+            registry.get(value)
         except UnknownNameError as e:
+            if key == "network":  # "auto" is a valid answer too
+                e = UnknownNameError(key, value, [*e.allowed, "auto"])
             raise ConfigError(key, str(e)) from None
     try:
-        client_profiles(cfg.network, cfg.num_clients, cfg.seed, cfg.network_args)
+        client_profiles(cfg.network_profile, cfg.num_clients, cfg.seed, cfg.network_args)
     except (TypeError, ValueError) as e:
         raise ConfigError("network_args", str(e)) from None
     try:
         info = describe_dataset(cfg.dataset, **cfg.dataset_args)
     except (TypeError, ValueError) as e:  # an unknown dataset_arg or a bad value of one
         raise ConfigError("dataset_args", str(e)) from None
+    if cfg.algorithm == "gas" and info.task != "classification":
+        raise ConfigError("algorithm", f"gas needs class labels; {cfg.dataset} is {info.task}")
     if cfg.num_clients > info.num_train:
         raise ConfigError(
             "num_clients",
@@ -210,6 +242,8 @@ def _check_registries(cfg: Config) -> None:
         ("model", MODELS), ("network", PROFILES),
     ):  # fmt: skip
         for value in search_choices(cfg.search.get(key)):
+            if key == "network" and value == "auto":
+                continue
             try:
                 registry.get(value)
             except UnknownNameError as e:

@@ -72,13 +72,33 @@ def planned_clock(cfg: Config) -> RoundClock:
         traffic_sizes(cfg, algo),
         compute_costs(cfg),
         planned_client_sizes(cfg),
-        client_profiles(cfg.network, cfg.num_clients, cfg.seed, cfg.network_args),
+        client_profiles(cfg.network_profile, cfg.num_clients, cfg.seed, cfg.network_args),
         server_flops=cfg.server_gflops * 1e9,
     )
 
 
+def planned_async(cfg: Config) -> tuple[Ledger, list[float]]:
+    """gas: the ledger and the simulated seconds of each global iteration, from the same
+    schedule a run follows (it depends on the profiles and sizes, not on training)."""
+    from fslsage.algorithms.gas import AsyncSchedule, event_seconds
+
+    clock = planned_clock(cfg)
+    schedule = AsyncSchedule(cfg, clock.client_samples, event_seconds(clock))
+    ledger, seconds = Ledger(), []
+    for t in range(1, cfg.rounds + 1):
+        started = schedule.now
+        for event, cid, batch in schedule.global_iteration():
+            transfers = clock.algo.planned_event_traffic(event, batch, clock.sizes)
+            for kind, direction, nbytes in transfers:
+                ledger.record(t, cid, kind, direction, nbytes)
+        seconds.append(schedule.now - started)
+    return ledger, seconds
+
+
 def planned_ledger(cfg: Config) -> Ledger:
     algo = meta_algorithm(cfg)
+    if algo.asynchronous:
+        return planned_async(cfg)[0]
     sizes, counts = traffic_sizes(cfg, algo), planned_client_sizes(cfg)
     ledger = Ledger()
     for t in range(1, cfg.rounds + 1):
@@ -92,10 +112,14 @@ def planned_ledger(cfg: Config) -> Ledger:
 def planned_rounds(cfg: Config) -> list[dict]:
     """Per-round ledger summaries with the cumulative simulated time (`sim_time_s`), stopping
     at the communication budget like a real run."""
-    ledger, clock = planned_ledger(cfg), planned_clock(cfg)
+    if meta_algorithm(cfg).asynchronous:
+        ledger, seconds = planned_async(cfg)
+    else:
+        ledger, clock = planned_ledger(cfg), planned_clock(cfg)
+        seconds = [clock.round_seconds(t, ledger) for t in ledger.rounds()]
     out, sim_time_s = [], 0.0
-    for t in ledger.rounds():
-        sim_time_s += clock.round_seconds(t, ledger)
+    for t, round_seconds in zip(ledger.rounds(), seconds, strict=True):
+        sim_time_s += round_seconds
         out.append({**ledger.round_summary(t), "sim_time_s": sim_time_s})
         if ledger.gib(through_round=t) >= cfg.comm_budget_gib:
             break

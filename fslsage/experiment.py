@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
@@ -117,6 +118,7 @@ class RoundOutcome:
     train_loss: float
     ledger: list  # Ledger entries of every client in this round
     server_metrics: dict[str, float] = field(default_factory=dict)
+    sim_seconds: float | None = None  # an asynchronous schedule's own clock; else the §6 clock
 
     @classmethod
     def from_reports(cls, reports: list[ClientReport], server_metrics: dict) -> RoundOutcome:
@@ -154,11 +156,28 @@ class LocalRuntime:
             p: {k: v.to(self.device) for k, v in s.items()}
             for p, s in algo.initial_global().items()
         }
+        if algo.asynchronous:
+            self._start_schedule()
+
+    def _start_schedule(self) -> None:
+        """gas: the simulated-time schedule, each client's endless minibatch stream, and the
+        label histograms the clients share with the S-Server once (its logit adjustment)."""
+        from fslsage.algorithms.gas import AsyncSchedule, event_seconds
+
+        clock = planned_clock(self.cfg)
+        self.schedule = AsyncSchedule(self.cfg, [len(s) for s in self.shards], event_seconds(clock))
+        self.streams = [
+            shard.batches(self.cfg.batch_size, sys.maxsize, client.generator)
+            for client, shard in zip(self.clients, self.shards, strict=True)
+        ]
+        self.server.set_label_counts(self.prepared.histogram)
 
     def start_round(self, t: int) -> None:
         """Nothing to overlap in one process: round t runs in `run_round`."""
 
     def run_round(self, t: int) -> RoundOutcome:
+        if self.algo.asynchronous:
+            return self._run_global_iteration(t)
         reports: list[ClientReport] = []
         for client, shard in zip(self.clients, self.shards, strict=True):
             weights = (
@@ -168,6 +187,15 @@ class LocalRuntime:
         self.global_weights = self.algo.aggregate(reports)
         server_metrics = self.server.end_round(t) if self.server is not None else {}
         return RoundOutcome.from_reports(reports, server_metrics)
+
+    def _run_global_iteration(self, t: int) -> RoundOutcome:
+        ledger, started = Ledger(), self.schedule.now
+        self.global_weights, loss = self.algo.global_iteration(
+            t, self.schedule.global_iteration(), self.clients, self.streams, self.global_weights,
+            self.server, self.send, ledger,
+        )  # fmt: skip
+        return RoundOutcome(float(loss), ledger.entries(), self.server.end_round(t),
+                            sim_seconds=self.schedule.now - started)  # fmt: skip
 
     def evaluate(self) -> tuple[float, float]:
         server_model = self.server.eval_model() if self.server is not None else None
@@ -212,7 +240,10 @@ def run_experiment(
         if t < cfg.rounds and ledger.gib() < cfg.comm_budget_gib:
             runtime.start_round(t + 1)
         test_loss, test_acc = runtime.evaluate()
-        sim_time_s += clock.round_seconds(t, ledger)
+        if outcome.sim_seconds is not None:
+            sim_time_s += outcome.sim_seconds
+        else:
+            sim_time_s += clock.round_seconds(t, ledger)
         row = {
             "round": t,
             "test_acc": test_acc,

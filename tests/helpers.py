@@ -24,3 +24,10 @@ def paper_config(**overrides) -> Config:
     raw.pop("search", None)
     raw.update(overrides)
     return validate(raw)
+
+
+def synchronous_algorithms() -> list[str]:
+    """Every registered algorithm that runs rounds of `train_round` (gas runs an event loop)."""
+    from fslsage.algorithms import ALGORITHMS
+
+    return [name for name in ALGORITHMS.names() if not ALGORITHMS.get(name).asynchronous]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import demo_config
+from helpers import demo_config, synchronous_algorithms
 
 from fslsage.algorithms import ALGORITHMS
 from fslsage.algorithms.base import loss_fn, weighted_average
@@ -47,7 +47,7 @@ def run_one_client(runtime: LocalRuntime, t: int, cid: int = 0):
     return spy, report
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS.names())
+@pytest.mark.parametrize("algorithm", synchronous_algorithms())
 def test_declared_server_requests_are_made_and_the_last_is_marked(algorithm):
     """`server_requests` is what a client really sends (two epochs, a partial last batch, an
     alignment round and a round without), and only the last request says so."""

@@ -36,7 +36,7 @@ def sets(*pairs: str) -> tuple[str, ...]:
     return tuple(a for p in pairs for a in ("--set", p))
 
 
-ALGOS = "allowed: cse_fsl, fedavg, fsl_sage, sl, splitfed_v1, splitfed_v2"
+ALGOS = "allowed: cse_fsl, fedavg, fsl_sage, gas, sl, splitfed_v1, splitfed_v2"
 BAD = {
     # unknown and misspelt keys: did-you-mean plus the list of keys
     "unknown key": Bad(sets("bogus_key=1"), "bogus_key", ("unknown key", "allowed: name,")),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import demo_config, paper_config
+from helpers import demo_config, paper_config, synchronous_algorithms
 
 from fslsage.algorithms import ALGORITHMS
 from fslsage.data import describe_dataset
@@ -77,7 +77,7 @@ def hand_computed(algorithm: str, t: int, bytes_: dict[str, int], l: int = 10) -
     return out
 
 
-@pytest.mark.parametrize("algorithm", ALGORITHMS.names())
+@pytest.mark.parametrize("algorithm", synchronous_algorithms())  # gas: tests/test_gas.py
 def test_paper_ledger_matches_hand_computed_bytes(algorithm, resnet_bytes):
     cfg = paper_config(algorithm=algorithm, rounds=11)
     ledger = planned_ledger(cfg)

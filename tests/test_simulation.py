@@ -149,3 +149,11 @@ def test_a_slow_client_sets_the_pace_of_the_round():
     assert clock.round_seconds(1, ledger) == pytest.approx(max(clients) + clock.server_seconds(1))
     equal = planned_clock(cfg.replace(network="equal"))
     assert equal.round_seconds(1, ledger) != pytest.approx(clock.round_seconds(1, ledger))
+
+
+def test_auto_network_is_gas_wireless_setting_and_equal_otherwise():
+    assert validate(DIGITS).network_profile == "equal"
+    gas = validate({**DIGITS, "algorithm": "gas"})
+    assert gas.network == "auto" and gas.network_profile == "wireless"
+    assert planned_clock(gas).profiles == client_profiles("wireless", 4, seed=0, args={})
+    assert validate({**DIGITS, "algorithm": "gas", "network": "equal"}).network_profile == "equal"

@@ -31,6 +31,7 @@ from fslsage.algorithms import (  # noqa: E402, F401
     cse_fsl,
     fedavg,
     fsl_sage,
+    gas,
     sl,
     splitfed_v1,
     splitfed_v2,

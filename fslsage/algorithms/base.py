@@ -197,6 +197,7 @@ class Algorithm:
     name: ClassVar[str]
     federated_parts: ClassVar[tuple[str, ...]] = ("client_model",)  # broadcast, uploaded, averaged
     sequential: ClassVar[bool] = False  # sl: clients one after another, model passed along
+    asynchronous: ClassVar[bool] = False  # gas: global iterations on a simulated-time schedule
     server_class: ClassVar[type[Server] | None] = Server
     uses_aux: ClassVar[bool] = False
 

@@ -1,0 +1,204 @@
+"""GAS (SPEC §2): label-wise activation statistics and generated activations, the S-Server's
+logit-adjusted answers and buffered steps, the simulated-time schedule, and whole runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import demo_config
+
+from fslsage.algorithms.base import loss_fn
+from fslsage.algorithms.gas import ActivationStats, AsyncSchedule, GenerativeServer
+from fslsage.config import ConfigError, validate
+from fslsage.dryrun import planned_async, planned_ledger, planned_rounds, traffic_sizes
+from fslsage.experiment import LocalRuntime, prepare, run_experiment
+from fslsage.ledger import Ledger
+
+
+def gas_config(**overrides):
+    base = {"algorithm": "gas", "local_iters": 4, "model_buffer": 3, "activation_buffer": 2,
+            "network": "wireless", "rounds": 3}  # fmt: skip
+    return demo_config(**{**base, **overrides})
+
+
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_activation_stats_merge_batches_like_one_pass(diagonal):
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(300, 5, generator=g) * torch.tensor([1.0, 2, 3, 4, 5]) + 7
+    y = torch.randint(0, 3, (300,), generator=g)
+    stats = ActivationStats(3, 5, diagonal, torch.device("cpu"))
+    for chunk in range(0, 300, 37):  # uneven batches, labels spread over them
+        stats.update(z[chunk : chunk + 37], y[chunk : chunk + 37])
+    for c in range(3):
+        x = z[y == c].double()
+        assert stats.count[c] == len(x)
+        assert stats.mean[c].double() == pytest.approx(x.mean(0), abs=1e-4)
+        cov = torch.cov(x.T)
+        expected = cov.diagonal() if diagonal else cov
+        got = stats.scatter[c].double() / (len(x) - 1)
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_generated_activations_follow_the_label_gaussian():
+    g = torch.Generator().manual_seed(1)
+    mix = torch.tensor([[1.0, 0.0], [0.8, 0.6]])  # correlated dimensions
+    z = torch.randn(4000, 2, generator=g) @ mix + torch.tensor([3.0, -2.0])
+    stats = ActivationStats(1, 2, False, torch.device("cpu"))
+    stats.update(z, torch.zeros(4000, dtype=torch.long))
+    drawn = stats.sample(0, 20000, torch.Generator().manual_seed(2))
+    assert drawn.mean(0) == pytest.approx([3.0, -2.0], abs=0.03)
+    assert torch.allclose(torch.cov(drawn.T), mix.T @ mix, atol=0.05)
+
+
+def make_server(**cfg_changes) -> GenerativeServer:
+    cfg = gas_config(**cfg_changes)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 3))
+    return GenerativeServer(model, cfg, num_clients=2, num_classes=3, cut=(2, 3))
+
+
+def test_exchange_answers_the_logit_adjusted_gradient_and_steps_on_the_buffer():
+    server = make_server(activation_buffer=2, per_label=4, batch_size=4)
+    server.set_label_counts(np.array([[8, 2, 0], [1, 1, 1]]))
+    before = [p.detach().clone() for p in server.model.parameters()]
+    g = torch.Generator().manual_seed(3)
+    z, y = torch.randn(4, 2, 3, generator=g), torch.tensor([0, 0, 1, 0])
+
+    grad, loss = server.on_exchange(0, z, y)
+    leaf = z.clone().requires_grad_(True)
+    prior = torch.tensor([0.8, 0.2, 1e-8]).log()
+    expected_loss = loss_fn(server.model(leaf) + prior, y)
+    (expected,) = torch.autograd.grad(expected_loss, leaf)
+    assert torch.allclose(grad, expected) and float(loss) == pytest.approx(expected_loss.item())
+    assert all(torch.equal(a, b) for a, b in zip(before, server.model.parameters(), strict=True))
+
+    z2, y2 = torch.randn(4, 2, 3, generator=g), torch.tensor([1, 2, 0, 0])
+    server.on_exchange(1, z2, y2)  # the second batch fills the buffer: one step
+    assert server.buffer == []
+    assert not all(
+        torch.equal(a, b) for a, b in zip(before, server.model.parameters(), strict=True)
+    )
+    # real per label: 0 → 5, 1 → 2, 2 → 1; label 2 has one sample (no Gaussian yet): only
+    # label 1 is topped up, by 4 − 2
+    metrics = server.end_round(1)
+    assert metrics["generated"] == 2
+    assert stats_counts(server) == [5, 2, 1]
+
+
+def stats_counts(server: GenerativeServer) -> list[int]:
+    return [int(c) for c in server.stats.count]
+
+
+def test_server_lr_decays_with_the_global_iteration():
+    server = make_server(server_lr_decay=True)
+    server.decay_lr(4)
+    assert server.opt.param_groups[0]["lr"] == pytest.approx(server.cfg.lr / 2)
+
+
+def run_schedule(speeds: list[float], **cfg) -> tuple[AsyncSchedule, list[list]]:
+    """A schedule where client i's step takes speeds[i] seconds; start and finish take none."""
+    config = gas_config(num_clients=len(speeds), **cfg)
+
+    def seconds(cid: int, event: str, batch: int) -> float:
+        return speeds[cid] if event == "step" else 0.0
+
+    schedule = AsyncSchedule(config, [64] * len(speeds), seconds)
+    iterations, schedule.ends = [], []
+    for _ in range(3):
+        iterations.append(list(schedule.global_iteration()))
+        schedule.ends.append(schedule.now)
+    return schedule, iterations
+
+
+def test_schedule_advances_the_client_with_the_smallest_clock():
+    schedule, iterations = run_schedule([1.0, 3.0, 10.0], local_iters=2, model_buffer=2)
+    # all free at 0 (ties go by id); then client 0 (free at 1, 2, 3 ...) outpaces 1 (free at 3)
+    # and 2 (at 10); having finished, it is the only idle client, so it replaces itself
+    assert iterations[0] == [
+        ("start", 0, 0), ("start", 1, 0), ("start", 2, 0),
+        ("step", 0, 32), ("step", 1, 32), ("step", 2, 32), ("step", 0, 32), ("finish", 0, 0),
+        ("start", 0, 0), ("step", 0, 32), ("step", 0, 32), ("finish", 0, 0),
+    ]  # fmt: skip
+    finishes = [[cid for kind, cid, _ in it if kind == "finish"] for it in iterations]
+    assert all(len(f) == 2 for f in finishes)  # model_buffer uploads per global iteration
+    assert len(schedule.active) == 3  # a finished client is always replaced
+    assert schedule.now > 0 and all(c >= 0 for c in schedule.clock)
+    assert all(batch == 32 for it in iterations for kind, _, batch in it if kind == "step")
+
+
+def test_a_replacement_starts_at_the_handover_time():
+    schedule, iterations = run_schedule([1.0, 1.0, 1.0, 1.0], active_clients=2, local_iters=3,
+                                        model_buffer=1)  # fmt: skip
+    assert len(schedule.active) == 2
+    started = [cid for it in iterations for kind, cid, _ in it if kind == "start"]
+    assert len(started) == 2 + 2  # two at first, then one per finish (the last not yet begun)
+    assert len(schedule.starting) == 1
+    # equal speeds: both first clients finish at 3 s (one per global iteration); their
+    # replacements start at 3 s, not at 0, so the next finish is at 6 s
+    assert schedule.ends == pytest.approx([3.0, 3.0, 6.0])
+
+
+def test_gas_run_learns_and_books_what_the_dry_run_plans():
+    cfg = gas_config(rounds=6, local_iters=5, model_buffer=4, activation_buffer=4)
+    df = run_experiment(cfg, LocalRuntime(prepare(cfg)), progress=None)
+    assert df.test_acc.iloc[-1] > 0.7, df.to_string()
+    planned = planned_rounds(cfg)
+    assert df.sim_time_s.tolist() == pytest.approx([r["sim_time_s"] for r in planned])
+    assert df.sim_time_s.is_monotonic_increasing
+    assert df.comm_gib.tolist() == pytest.approx(
+        np.cumsum([(r["up_bytes"] + r["down_bytes"]) / 2**30 for r in planned]).tolist()
+    )
+
+
+def test_gas_ledger_per_global_iteration():
+    cfg = gas_config(rounds=2, batch_size=50)
+    runtime = LocalRuntime(prepare(cfg))
+    measured = Ledger()
+    for t in (1, 2):
+        measured.merge(runtime.run_round(t).ledger)
+    planned = planned_ledger(cfg)
+    model = traffic_sizes(cfg).part_bytes["client_model"]
+    for t in (1, 2):
+        kinds = measured.round_summary(t)["by_kind"]
+        assert kinds == planned.round_summary(t)["by_kind"]
+        assert kinds["activations"]["up"] == kinds["gradients"]["down"]  # an answer per step
+        assert kinds["client_model"]["up"] == cfg.model_buffer * model  # the model buffer
+    # round 1: every client fetches the model at the start, and each replacement once more
+    assert (
+        measured.round_summary(1)["by_kind"]["client_model"]["down"]
+        == (cfg.num_clients + cfg.model_buffer - 1) * model
+    )
+    assert all(s > 0 for s in planned_async(cfg)[1])
+
+
+@pytest.mark.parametrize(
+    ("changes", "key", "words"),
+    [
+        ({"runtime": "ray"}, "runtime", "gas runs on the local runtime"),
+        ({"active_clients": 9}, "active_clients", "at most num_clients=8"),
+        ({"local_iters": 0}, "local_iters", "must be >= 1"),
+        ({"search": {"runtime": ["local", "ray"]}}, "search.runtime", "local runtime"),
+    ],
+)
+def test_bad_gas_config_names_the_key(changes, key, words):
+    with pytest.raises(ConfigError) as e:
+        gas_config(**changes)
+    assert e.value.key == key and words in str(e.value)
+
+
+def test_gas_needs_class_labels():
+    with pytest.raises(ConfigError) as e:
+        validate({"algorithm": "gas", "dataset": "e2e", "model": "gpt2",
+                  "model_args": {"n_layer": 2, "n_embd": 8, "n_head": 2}})  # fmt: skip
+    assert e.value.key == "algorithm" and "class labels" in str(e.value)
+
+
+@pytest.mark.parametrize(("setting", "dim", "diagonal"),
+                         [("auto", 6, False), ("auto", 2048, True), ("diag", 6, True),
+                          ("full", 2048, False)])  # fmt: skip
+def test_covariance_kind(setting, dim, diagonal):
+    cfg = gas_config(activation_covariance=setting)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(dim, 3))
+    server = GenerativeServer(model, cfg, num_clients=2, num_classes=3, cut=(dim,))
+    assert server.stats.diagonal == diagonal
