@@ -90,10 +90,13 @@ class Config:
 
     @property
     def network_profile(self) -> str:
-        """`network` with "auto" resolved: GAS's wireless setting for gas, else all equal."""
+        """`network` with "auto" resolved: GAS's wireless setting where gas runs, else all
+        equal. A sweep resolves it once for all its trials (their times must compare): wireless
+        if any of them can run gas."""
         if self.network != "auto":
             return self.network
-        return "wireless" if self.algorithm == "gas" else "equal"
+        algorithms = search_choices(self.search.get("algorithm")) or [self.algorithm]
+        return "wireless" if "gas" in algorithms else "equal"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

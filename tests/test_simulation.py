@@ -157,3 +157,22 @@ def test_auto_network_is_gas_wireless_setting_and_equal_otherwise():
     assert gas.network == "auto" and gas.network_profile == "wireless"
     assert planned_clock(gas).profiles == client_profiles("wireless", 4, seed=0, args={})
     assert validate({**DIGITS, "algorithm": "gas", "network": "equal"}).network_profile == "equal"
+
+
+def test_a_sweep_gives_every_trial_the_same_network():
+    """`auto` in a sweep over algorithms that include gas is wireless for all of them, so their
+    simulated times compare; without gas it stays equal; an explicit choice is kept."""
+    from tune.space import trial_config
+
+    mixed = {**DIGITS, "search": {"algorithm": ["gas", "fedavg"]}}
+    assert validate(mixed).network_profile == "wireless"
+    for algorithm in ("gas", "fedavg"):
+        trial = trial_config(mixed, {"algorithm": algorithm})
+        assert trial.network == "wireless" and trial.network_profile == "wireless"
+    plain = {**DIGITS, "search": {"algorithm": ["sl", "fedavg"]}}
+    assert trial_config(plain, {"algorithm": "sl"}).network_profile == "equal"
+    chosen = {**DIGITS, "network": "equal", "search": {"algorithm": ["gas", "fedavg"]}}
+    assert trial_config(chosen, {"algorithm": "gas"}).network_profile == "equal"
+    both = {**DIGITS, "search": {"network": ["auto", "equal"], "algorithm": ["gas", "fedavg"]}}
+    assert trial_config(both, {"algorithm": "gas", "network": "auto"}).network_profile == "wireless"
+    assert trial_config(both, {"algorithm": "fedavg", "network": "auto"}).network == "auto"

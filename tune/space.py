@@ -53,6 +53,8 @@ def trial_config(
     no search block (a trial is a single experiment). Samplers give floats for int keys (e.g.
     `uniform` over `rounds`); those are rounded here rather than rejected."""
     raw = {**base, "search": {}}
+    if "network" not in params:  # `auto`: the one network of the whole sweep
+        raw["network"] = validate(base, check_registries=False).network_profile
     for key, value in params.items():
         if FIELD_TYPES.get(key) is int and isinstance(value, float):
             value = int(round(value))
