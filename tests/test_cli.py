@@ -178,3 +178,20 @@ def test_training_run_without_alignment_has_no_align_loss(capsys, tmp_path):
     assert list(df.columns) == METRICS
     assert len(df) == 1
     assert sum(bool(PROGRESS.search(line)) for line in lines) == 1
+
+
+def test_dry_run_of_the_gas_paper_config(capsys, empty_data):
+    """The GAS setup plans its schedule without data: per global iteration, ten model uploads
+    and one activation batch up and a gradient down per step, on wireless clients."""
+    argv = ["--config", str(PAPER.parent / "cifar10_gas.yaml"), "--set", f"data_dir={empty_data}",
+            "--set", "rounds=3"]  # fmt: skip
+    rounds = dry_json(capsys, argv)["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    model = rounds[1]["by_kind"]["client_model"]["up"]
+    assert all(r["by_kind"]["client_model"]["up"] == model for r in rounds) and model > 0
+    for r in rounds:
+        kinds = r["by_kind"]
+        assert kinds["activations"]["up"] == kinds["gradients"]["down"] > 0
+        assert kinds["labels"]["up"] * 64 * 8 * 8 * 4 == kinds["activations"]["up"] * 8
+    assert 0 < rounds[0]["sim_time_s"] < rounds[1]["sim_time_s"] < rounds[2]["sim_time_s"]
+    assert list(empty_data.iterdir()) == []
