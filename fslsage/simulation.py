@@ -143,7 +143,9 @@ def client_profiles(name: str, num_clients: int, seed: int, args: dict) -> list[
 
 
 class RoundClock:
-    """Simulated seconds of each round of one experiment (see the module docstring)."""
+    """Simulated seconds of each round of one experiment (see the module docstring). gas keeps
+    its own clock, an event schedule (`fslsage.algorithms.gas.AsyncSchedule`), on the same
+    profiles, sizes and costs."""
 
     def __init__(
         self,
@@ -162,7 +164,9 @@ class RoundClock:
         cfg = self.algo.cfg
         return local_batch_sizes(self.client_samples[cid], cfg.batch_size, cfg.local_epochs)
 
-    def client_seconds(self, t: int, cid: int, bytes_by_transfer: dict[tuple[str, str], int]):
+    def client_seconds(
+        self, t: int, cid: int, bytes_by_transfer: dict[tuple[str, str], int]
+    ) -> float:
         """Client `cid`'s own time in round t: compute, then its transfers (booked bytes)."""
         profile, batches = self.profiles[cid], self._batches(cid)
         client_flops, _ = self.algo.planned_compute(t, batches, self.costs)
