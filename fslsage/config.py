@@ -199,6 +199,7 @@ def _check_registries(cfg: Config) -> None:
 
     from fslsage.algorithms import ALGORITHMS
     from fslsage.data import DATASETS, PARTITIONS, describe_dataset
+    from fslsage.data.base import CLASSIFICATION
     from fslsage.models import MODELS, ModelArgError, build_model
     from fslsage.registry import UnknownNameError
     from fslsage.simulation import PROFILES, client_profiles
@@ -221,7 +222,7 @@ def _check_registries(cfg: Config) -> None:
         info = describe_dataset(cfg.dataset, **cfg.dataset_args)
     except (TypeError, ValueError) as e:  # an unknown dataset_arg or a bad value of one
         raise ConfigError("dataset_args", str(e)) from None
-    if cfg.algorithm == "gas" and info.task != "classification":
+    if cfg.algorithm == "gas" and info.task != CLASSIFICATION:
         raise ConfigError("algorithm", f"gas needs class labels; {cfg.dataset} is {info.task}")
     if cfg.num_clients > info.num_train:
         raise ConfigError(

@@ -77,12 +77,12 @@ def planned_clock(cfg: Config) -> RoundClock:
     )
 
 
-def planned_async(cfg: Config) -> tuple[Ledger, list[float]]:
+def planned_async(cfg: Config, clock: RoundClock | None = None) -> tuple[Ledger, list[float]]:
     """gas: the ledger and the simulated seconds of each global iteration, from the same
     schedule a run follows (it depends on the profiles and sizes, not on training)."""
     from fslsage.algorithms.gas import AsyncSchedule, event_seconds
 
-    clock = planned_clock(cfg)
+    clock = clock or planned_clock(cfg)
     schedule = AsyncSchedule(cfg, clock.client_samples, event_seconds(clock))
     ledger, seconds = Ledger(), []
     for t in range(1, cfg.rounds + 1):
@@ -95,16 +95,15 @@ def planned_async(cfg: Config) -> tuple[Ledger, list[float]]:
     return ledger, seconds
 
 
-def planned_ledger(cfg: Config) -> Ledger:
-    algo = meta_algorithm(cfg)
-    if algo.asynchronous:
-        return planned_async(cfg)[0]
-    sizes, counts = traffic_sizes(cfg, algo), planned_client_sizes(cfg)
+def planned_ledger(cfg: Config, clock: RoundClock | None = None) -> Ledger:
+    clock = clock or planned_clock(cfg)
+    if clock.algo.asynchronous:
+        return planned_async(cfg, clock)[0]
     ledger = Ledger()
     for t in range(1, cfg.rounds + 1):
-        for cid, n in enumerate(counts):
+        for cid, n in enumerate(clock.client_samples):
             batches = local_batch_sizes(n, cfg.batch_size, cfg.local_epochs)
-            for kind, direction, nbytes in algo.planned_traffic(t, batches, sizes):
+            for kind, direction, nbytes in clock.algo.planned_traffic(t, batches, clock.sizes):
                 ledger.record(t, cid, kind, direction, nbytes)
     return ledger
 
@@ -112,10 +111,11 @@ def planned_ledger(cfg: Config) -> Ledger:
 def planned_rounds(cfg: Config) -> list[dict]:
     """Per-round ledger summaries with the cumulative simulated time (`sim_time_s`), stopping
     at the communication budget like a real run."""
-    if meta_algorithm(cfg).asynchronous:
-        ledger, seconds = planned_async(cfg)
+    clock = planned_clock(cfg)
+    if clock.algo.asynchronous:
+        ledger, seconds = planned_async(cfg, clock)
     else:
-        ledger, clock = planned_ledger(cfg), planned_clock(cfg)
+        ledger = planned_ledger(cfg, clock)
         seconds = [clock.round_seconds(t, ledger) for t in ledger.rounds()]
     out, sim_time_s = [], 0.0
     for t, round_seconds in zip(ledger.rounds(), seconds, strict=True):

@@ -16,12 +16,12 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from fslsage.algorithms.base import Algorithm, ComputeCosts, TrafficSizes
+from fslsage.algorithms.base import Algorithm, ComputeCosts, TrafficSizes, Transfer
 from fslsage.data import local_batch_sizes
 from fslsage.ledger import Ledger
 from fslsage.registry import Registry
@@ -35,6 +35,26 @@ class Profile:
     downlink_bps: float  # bits per second, servers → client
     latency_s: float  # per message, one way
     flops: float  # FLOP/s of the client's device
+
+    def seconds(self, flops: float, up_bytes: int, down_bytes: int, messages: int) -> float:
+        """Compute at this device's speed, bytes over its links, one latency per message."""
+        return (
+            flops / self.flops
+            + 8 * up_bytes / self.uplink_bps
+            + 8 * down_bytes / self.downlink_bps
+            + messages * self.latency_s
+        )
+
+
+def traffic_totals(transfers: Iterable[Transfer]) -> tuple[int, int, int]:
+    """(bytes up, bytes down, messages) of (kind, direction, bytes) transfers; labels travel in
+    the message of their activations."""
+    up = down = messages = 0
+    for kind, direction, nbytes in transfers:
+        up += nbytes if direction == "up" else 0
+        down += nbytes if direction == "down" else 0
+        messages += kind != "labels"
+    return up, down, messages
 
 
 # name → fn(num_clients, rng, **network_args) -> one Profile per client
@@ -167,22 +187,13 @@ class RoundClock:
     def client_seconds(
         self, t: int, cid: int, bytes_by_transfer: dict[tuple[str, str], int]
     ) -> float:
-        """Client `cid`'s own time in round t: compute, then its transfers (booked bytes)."""
-        profile, batches = self.profiles[cid], self._batches(cid)
+        """Client `cid`'s own time in round t: its compute, its booked bytes, and a latency
+        per message of its planned transfers."""
+        batches = self._batches(cid)
         client_flops, _ = self.algo.planned_compute(t, batches, self.costs)
-        up = sum(n for (_kind, d), n in bytes_by_transfer.items() if d == "up")
-        down = sum(n for (_kind, d), n in bytes_by_transfer.items() if d == "down")
-        # labels travel in the message of their activations
-        messages = sum(
-            1 for kind, _, _ in self.algo.planned_traffic(t, batches, self.sizes)
-            if kind != "labels"
-        )  # fmt: skip
-        return (
-            client_flops / profile.flops
-            + 8 * up / profile.uplink_bps
-            + 8 * down / profile.downlink_bps
-            + messages * profile.latency_s
-        )
+        up, down, _ = traffic_totals((k, d, n) for (k, d), n in bytes_by_transfer.items())
+        _, _, messages = traffic_totals(self.algo.planned_traffic(t, batches, self.sizes))
+        return self.profiles[cid].seconds(client_flops, up, down, messages)
 
     def server_seconds(self, t: int) -> float:
         flops = sum(

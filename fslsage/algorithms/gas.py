@@ -43,9 +43,10 @@ from fslsage.algorithms.base import (
     exchange_traffic,
     loss_fn,
 )
-from fslsage.data import describe_dataset
+from fslsage.data import describe_dataset, local_batch_sizes
 from fslsage.ledger import Ledger, state_bytes
 from fslsage.models import communicated_state, cut_shape
+from fslsage.simulation import RoundClock, traffic_totals
 from fslsage.transport import RecordingLink, Send
 
 # ----------------------------------------------------------------------------- the S-Server
@@ -105,7 +106,6 @@ class GenerativeServer(Server):
         self.log_prior = torch.zeros(num_clients, num_classes, device=device)  # uniform
         self.buffer: list[tuple[Tensor, Tensor]] = []
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed + 4099)
-        self.base_lr = cfg.lr
 
     def set_label_counts(self, counts: np.ndarray) -> None:
         """Each client's label histogram, shared once at the start: its prior p_i(y)."""
@@ -144,7 +144,7 @@ class GenerativeServer(Server):
 
     def decay_lr(self, t: int) -> None:
         for group in self.opt.param_groups:
-            group["lr"] = self.base_lr / math.sqrt(t)
+            group["lr"] = self.cfg.lr / math.sqrt(t)
 
 
 # ----------------------------------------------------------------------------- simulated time
@@ -169,10 +169,7 @@ class AsyncSchedule:
         self.clock = [0.0] * n
         self.steps_done = [0] * n  # in the current activation
         self.batch_index = [0] * n  # over the client's whole life: its data stream
-        self.batch_sizes = [
-            [min(cfg.batch_size, s - i) for i in range(0, s, cfg.batch_size)]
-            for s in client_samples
-        ]
+        self.batch_sizes = [local_batch_sizes(s, cfg.batch_size, 1) for s in client_samples]
         self.starting = list(self.active)
         self.now = 0.0
 
@@ -206,21 +203,16 @@ class AsyncSchedule:
                     return
 
 
-def event_seconds(clock) -> Callable[[int, str, int], float]:
-    """An event's simulated seconds on client cid from the §6 clock's profiles and sizes."""
-    sizes, costs, profiles = clock.sizes, clock.costs, clock.profiles
-    model_bits = 8 * sizes.part_bytes["client_model"]
+def event_seconds(clock: RoundClock) -> Callable[[int, str, int], float]:
+    """An event's simulated seconds on client cid: its transfers (`planned_event_traffic`) on
+    the client's profile, and for a step the client's and the S-Server's compute of the batch."""
+    costs = clock.costs
 
     def seconds(cid: int, event: str, batch: int) -> float:
-        p = profiles[cid]
-        if event == "start":
-            return model_bits / p.downlink_bps + p.latency_s
-        if event == "finish":
-            return model_bits / p.uplink_bps + p.latency_s
-        up = 8 * batch * (sizes.activation_bytes + sizes.label_bytes) / p.uplink_bps
-        down = 8 * batch * sizes.activation_bytes / p.downlink_bps
-        compute = batch * (costs.client_model / p.flops + costs.server_model / clock.server_flops)
-        return compute + up + down + 2 * p.latency_s
+        transfers = clock.algo.planned_event_traffic(event, batch, clock.sizes)
+        server = batch * costs.server_model / clock.server_flops
+        return clock.profiles[cid].seconds(batch * costs.client_model,
+                                           *traffic_totals(transfers)) + server  # fmt: skip
 
     return seconds
 

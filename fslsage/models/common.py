@@ -47,14 +47,21 @@ def output_shape(module: nn.Module, x: Tensor) -> tuple[int, ...]:
     """Per-sample output shape of ``module(x)``, computed on ``meta`` whatever device the module
     lives on: its parameters and buffers are swapped for meta stand-ins, so nothing is allocated
     and no state (e.g. BN running statistics) is touched."""
+    with torch.no_grad():
+        out = functional_call(module, _meta_state(module), (x.to("meta"),), tie_weights=False)
+    return tuple(out.shape[1:])
+
+
+def _meta_state(module: nn.Module) -> dict[str, Tensor]:
+    """Meta stand-ins for every parameter and buffer of ``module`` (trainable ones stay so)."""
     named = [
         *module.named_parameters(remove_duplicate=False),
         *module.named_buffers(remove_duplicate=False),
     ]
-    meta_state = {name: torch.empty_like(t, device="meta") for name, t in named}
-    with torch.no_grad():
-        out = functional_call(module, meta_state, (x.to("meta"),), tie_weights=False)
-    return tuple(out.shape[1:])
+    return {
+        name: torch.empty_like(t, device="meta").requires_grad_(t.requires_grad)
+        for name, t in named
+    }
 
 
 def probe_shape(
@@ -89,14 +96,7 @@ def training_flops(module: nn.Module, x: Tensor) -> int:
     and convolutions, as PyTorch's flop counter counts them). Runs on meta like `output_shape`,
     in eval mode so a batch of one passes BatchNorm; a float input gets a gradient too, as the
     cut-layer activations do on the S-Server and in an auxiliary model."""
-    named = [
-        *module.named_parameters(remove_duplicate=False),
-        *module.named_buffers(remove_duplicate=False),
-    ]
-    meta_state = {
-        name: torch.empty_like(t, device="meta").requires_grad_(t.requires_grad)
-        for name, t in named
-    }
+    meta_state = _meta_state(module)
     x = x.to("meta")
     if x.is_floating_point():
         x = x.detach().requires_grad_(True)
