@@ -64,7 +64,7 @@ class Aggregator:
         self.algo = algo
 
     def aggregate(
-        self, report_refs: list[ray.ObjectRef], weight_refs: list[ray.ObjectRef]
+        self, t: int, report_refs: list[ray.ObjectRef], weight_refs: list[ray.ObjectRef]
     ) -> dict[str, State]:
         """Called when the round starts, with the references nested (so Ray does not wait for
         them before the call runs). `weight_refs` are in client-id order, the order the
@@ -72,7 +72,7 @@ class Aggregator:
         fetched = ray.get([*report_refs, *weight_refs])  # one fetch: the round's end is waiting
         batches, weights = fetched[: len(report_refs)], fetched[len(report_refs) :]
         reports = sorted((r for batch in batches for r in batch), key=lambda r: r.cid)
-        return self.algo.aggregate(
+        return self.algo.for_round(t).aggregate(
             [dataclasses.replace(r, weights=w) for r, w in zip(reports, weights, strict=True)]
         )
 
@@ -165,7 +165,7 @@ class RayRuntime:
             cid: a for a, cids in zip(self.client_actors, self.owned, strict=True) for cid in cids
         }
         self._wait_until_started()
-        self.global_ref = ray.put(algo.initial_global())
+        self.global_ref = ray.put(algo.for_round(algo.first_round).initial_global())
         self.epoch = 0  # round attempts: requests of an abandoned attempt are rejected
         self.server_after = 0  # the attempt whose end the S-Server's state follows (0: initial)
         self.submitted: list[StartedRound] = []  # rounds submitted and not finished, in order
@@ -175,7 +175,7 @@ class RayRuntime:
         self.evaluation: tuple[ray.ObjectRef, tuple[float, float]] | None = None
         self.checkpoint: Checkpoint | None = None
         if cfg.checkpoint_every:
-            self._checkpoint(0)
+            self._checkpoint(algo.first_round - 1)  # the state before the first round
 
     def _wait_until_started(self) -> None:
         """Every actor up (their errors raised here, not in round 1), or a clear error when the
@@ -291,9 +291,11 @@ class RayRuntime:
                 ).remote(t, self.epoch, weights, owned)
                 report_refs.append(reports)
                 weight_of.update(zip(owned, client_weights, strict=True))
-        new_global = self.aggregator.aggregate.remote(report_refs, [weight_of[c] for c in cids])
+        new_global = self.aggregator.aggregate.remote(t, report_refs,
+                                                      [weight_of[c] for c in cids])  # fmt: skip
         previous = weights if evaluate_previous else None
-        opening = self.server.begin_round.remote(t, self.epoch, cids, after, previous)
+        handover = weights if self.algo.hands_over(t) else None
+        opening = self.server.begin_round.remote(t, self.epoch, cids, after, previous, handover)
         end = self.server.end_round.remote(t, self.epoch)
         refs = [*report_refs, *weight_of.values(), new_global]
         started = StartedRound(t, self.epoch, report_refs, new_global, end, opening, previous, refs)

@@ -209,6 +209,7 @@ class SServer:
         cids: list[int],
         after: int = 0,
         previous_global: dict[str, State] | None = None,
+        handover: dict[str, State] | None = None,
     ) -> tuple[float, float] | None:
         """Opens round attempt `epoch`, which starts from the state attempt `after` ended with
         (0: the initial state, or a checkpoint's); `cids` is the order `exact` serves clients
@@ -217,8 +218,9 @@ class SServer:
         their (test loss, accuracy): the F-Server reads it while this round runs. The opening
         snapshots the server for that and goes on at once; the evaluation fills the time this
         actor waits for requests. A server that does not hold that state (restarted) fails the
-        attempt with StateLost."""
-        args = (t, epoch, list(cids), after, previous_global)
+        attempt with StateLost. `handover`: the global weights the role starts from
+        (`Server.start_from`, after a warm start)."""
+        args = (t, epoch, list(cids), after, previous_global, handover)
         evaluation = await self._ask(Request("begin", args=args))
         return None if evaluation is None else await evaluation
 
@@ -408,7 +410,7 @@ class SServer:
 
     async def _control(self, req: Request) -> Any:
         if req.kind == "begin":
-            t, epoch, cids, after, previous_global = req.args
+            t, epoch, cids, after, previous_global, handover = req.args
             if self.crash_at_opening == t:
                 os._exit(1)  # fault injection for the recovery test: the process dies here
             if after != self.state_after:  # this attempt's requests fail, now and when they come
@@ -418,6 +420,8 @@ class SServer:
             evaluation = None  # snapshotted before anything of this round touches the server
             if previous_global is not None:
                 evaluation = self._begin_evaluation(previous_global)
+            if handover is not None:  # the warm start's aggregate, as round 1 opens
+                self.server.start_from(handover)
             self._abort(f"round attempt {epoch} began")
             self._reset_round(epoch, cids)
             await self._refile_early()

@@ -58,6 +58,7 @@ class Config:
     align_lr: float = 1e-3
     align_targets: Literal["lazy", "eager"] = "lazy"
     server_mode: Literal["stateful"] = "stateful"
+    warm_start: bool = False  # aux algorithms: round 0 is one round of cse_fsl
     # gas (asynchronous; runtime local): a round is one global iteration
     local_iters: int = 20  # a client's steps before it uploads its model
     model_buffer: int = 10  # uploaded models averaged into one global iteration
@@ -252,6 +253,18 @@ def _check_registries(cfg: Config) -> None:
                 registry.get(value)
             except UnknownNameError as e:
                 raise ConfigError(f"search.{key}", str(e)) from None
+    if cfg.warm_start:
+        lacking = [
+            a for a in search_choices(cfg.search.get("algorithm")) or [cfg.algorithm]
+            if not ALGORITHMS.get(a).uses_aux
+        ]  # fmt: skip
+        if lacking:
+            aux = ", ".join(n for n in ALGORITHMS.names() if ALGORITHMS.get(n).uses_aux)
+            raise ConfigError(
+                "warm_start",
+                f"a warm start is one round of cse_fsl for an "
+                f"algorithm with an auxiliary model ({aux}); {lacking[0]} has none",
+            )
 
 
 def search_choices(spec: Any) -> list:

@@ -11,9 +11,9 @@ import math
 import torch
 
 from fslsage.algorithms import build_algorithm
-from fslsage.algorithms.base import Algorithm, ComputeCosts, TrafficSizes
+from fslsage.algorithms.base import Algorithm, ComputeCosts, TrafficSizes, first_round
 from fslsage.config import Config
-from fslsage.data import client_sizes, describe_dataset, local_batch_sizes
+from fslsage.data import client_sizes, describe_dataset
 from fslsage.data.base import CLASSIFICATION
 from fslsage.ledger import Ledger
 from fslsage.models import cut_shape, dummy_input, state_bytes, training_flops
@@ -100,10 +100,9 @@ def planned_ledger(cfg: Config, clock: RoundClock | None = None) -> Ledger:
     if clock.algo.asynchronous:
         return planned_async(cfg, clock)[0]
     ledger = Ledger()
-    for t in range(1, cfg.rounds + 1):
-        for cid, n in enumerate(clock.client_samples):
-            batches = local_batch_sizes(n, cfg.batch_size, cfg.local_epochs)
-            for kind, direction, nbytes in clock.algo.planned_traffic(t, batches, clock.sizes):
+    for t in range(first_round(cfg), cfg.rounds + 1):
+        for cid in range(len(clock.client_samples)):
+            for kind, direction, nbytes in clock.plan(t, cid)[0]:
                 ledger.record(t, cid, kind, direction, nbytes)
     return ledger
 

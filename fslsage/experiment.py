@@ -17,7 +17,14 @@ import torch
 from torch import nn
 
 from fslsage.algorithms import build_algorithm
-from fslsage.algorithms.base import IGNORE_INDEX, Algorithm, ClientReport, State, loss_fn
+from fslsage.algorithms.base import (
+    IGNORE_INDEX,
+    Algorithm,
+    ClientReport,
+    State,
+    first_round,
+    loss_fn,
+)
 from fslsage.config import Config
 from fslsage.data import ClientShard, label_histogram, load_dataset, partition, prepare_inputs
 from fslsage.data.base import CLASSIFICATION, Dataset, DatasetInfo
@@ -154,7 +161,7 @@ class LocalRuntime:
         self.send = local_send(self.server)
         self.global_weights: dict[str, State] = {
             p: {k: v.to(self.device) for k, v in s.items()}
-            for p, s in algo.initial_global().items()
+            for p, s in algo.for_round(algo.first_round).initial_global().items()
         }
         if algo.asynchronous:
             self._start_schedule()
@@ -178,13 +185,15 @@ class LocalRuntime:
     def run_round(self, t: int) -> RoundOutcome:
         if self.algo.asynchronous:
             return self._run_global_iteration(t)
+        if self.algo.hands_over(t):
+            self.server.start_from(self.global_weights)
         reports: list[ClientReport] = []
         for client, shard in zip(self.clients, self.shards, strict=True):
             weights = (
                 reports[-1].weights if self.algo.sequential and reports else self.global_weights
             )
             reports.append(run_client_round(self.algo, client, shard, t, weights, self.send))
-        self.global_weights = self.algo.aggregate(reports)
+        self.global_weights = self.algo.for_round(t).aggregate(reports)
         server_metrics = self.server.end_round(t) if self.server is not None else {}
         return RoundOutcome.from_reports(reports, server_metrics)
 
@@ -232,7 +241,7 @@ def run_experiment(
     rows: list[dict] = []
     sim_time_s = 0.0
     start = time.perf_counter()
-    for t in range(1, cfg.rounds + 1):
+    for t in range(first_round(cfg), cfg.rounds + 1):
         outcome = runtime.run_round(t)
         if not math.isfinite(outcome.train_loss):
             raise TrainingDiverged(f"train_loss is {outcome.train_loss} in round {t}")

@@ -189,17 +189,17 @@ class RoundClock:
     ) -> float:
         """Client `cid`'s own time in round t: its compute, its booked bytes, and a latency
         per message of its planned transfers."""
-        batches = self._batches(cid)
-        client_flops, _ = self.algo.planned_compute(t, batches, self.costs)
+        traffic, (client_flops, _) = self.plan(t, cid)
         up, down, _ = traffic_totals((k, d, n) for (k, d), n in bytes_by_transfer.items())
-        _, _, messages = traffic_totals(self.algo.planned_traffic(t, batches, self.sizes))
+        _, _, messages = traffic_totals(traffic)
         return self.profiles[cid].seconds(client_flops, up, down, messages)
 
+    def plan(self, t: int, cid: int) -> tuple[list, tuple[float, float]]:
+        """Client `cid`'s planned transfers and FLOPs (client, S-Server) in round t."""
+        return self.algo.planned_round(t, self._batches(cid), self.sizes, self.costs)
+
     def server_seconds(self, t: int) -> float:
-        flops = sum(
-            self.algo.planned_compute(t, self._batches(cid), self.costs)[1]
-            for cid in range(len(self.client_samples))
-        )
+        flops = sum(self.plan(t, cid)[1][1] for cid in range(len(self.client_samples)))
         return flops / self.server_flops
 
     def round_seconds(self, t: int, ledger: Ledger) -> float:

@@ -76,7 +76,9 @@ def local_send(server) -> Send:
 def run_client_round(
     algo: Algorithm, client: Client, shard, t: int, global_weights: dict[str, State], send: Send
 ) -> ClientReport:
-    """Client i's round: global weights down, the algorithm's local work, its parts back up."""
+    """Client i's round: global weights down, the algorithm's local work, its parts back up.
+    Round 0 (a warm start) is the warm-start algorithm's (`Algorithm.for_round`)."""
+    algo = algo.for_round(t)
     ledger = Ledger()
     for part, state in global_weights.items():
         client.parts[part].load_state_dict(state, strict=False)

@@ -105,6 +105,29 @@ def test_killed_client_actor_restarts_from_the_checkpoint(ray_session, tmp_path)
     assert_same_metrics(run_local(cfg, tmp_path / "local"), ray_df)
 
 
+def test_warm_start_on_ray_survives_a_crash_in_the_round_after_it(ray_session, tmp_path):
+    """Round 0 (the warm start) is checkpointed; a client actor dies in round 1, the run is
+    restored from round 0's checkpoint and round 1 opens again with the warm aux model handed
+    to the S-Server (round 2 aligns from it): the in-process runtime's metrics, each round
+    once."""
+    cfg = demo_config(algorithm="fsl_sage", warm_start=True, rounds=2, align_interval=2,
+                      checkpoint_every=1)  # fmt: skip
+    ray = ray_session
+
+    runtime = RayRuntime(prepare(cfg))
+    actor = runtime.client_actors[1]
+    try:
+        pid = ray.get(actor.where.remote())["pid"]
+        ray.get(actor.arm_crash.remote(1, runtime.owned[1][0]))
+        run_experiment(cfg, runtime, out_dir=tmp_path / "ray", progress=None)
+        assert ray.get(actor.where.remote())["pid"] != pid  # it died and Ray restarted it
+    finally:
+        runtime.close()
+    ray_df = pd.read_parquet(tmp_path / "ray" / "metrics.parquet")
+    assert ray_df["round"].tolist() == [0, 1, 2]
+    assert_same_metrics(run_local(cfg, tmp_path / "local"), ray_df)
+
+
 def test_s_server_dying_as_it_opens_a_round_is_restored_from_the_checkpoint(ray_session, tmp_path):
     """Round 3 is submitted before round 2's evaluation is read, and the S-Server evaluates round
     2 as it opens round 3: it dies there, and the run still reports every round once, with the

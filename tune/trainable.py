@@ -1,9 +1,10 @@
 """One Tune trial = one experiment: `fslsage.experiment.run_experiment` with a report per round.
 
 Checkpoints every `checkpoint_every` rounds hold the rounds reported so far. A restored trial
-(`--resume`, or Tune retrying it) re-runs the experiment from round 1, which is deterministic
-for a given seed, and reports only the rounds after its checkpoint, so no round is reported
-twice; the sweep's results additionally keep one row per (trial, round) whatever Tune logged.
+(`--resume`, or Tune retrying it) re-runs the experiment from its first round, which is
+deterministic for a given seed, and reports only the rounds after its checkpoint, so no round is
+reported twice; the sweep's results additionally keep one row per (trial, round) whatever Tune
+logged.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ CHECKPOINT_FILE = "progress.json"
 
 
 def restored_round() -> int:
-    """The last round this trial reported before it was interrupted (0: a fresh start)."""
+    """The last round this trial reported before it was interrupted (-1: a fresh start; round
+    0 is a warm start's)."""
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
-        return 0
+        return -1
     with checkpoint.as_directory() as d:
         return int(json.loads((Path(d) / CHECKPOINT_FILE).read_text())["round"])
 

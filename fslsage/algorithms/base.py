@@ -162,6 +162,10 @@ class Server:
         self.metrics = {}
         return out
 
+    def start_from(self, global_weights: dict[str, State]) -> None:
+        """The F-Server hands over the global weights of the warm start (round 0) as round 1
+        opens; a server that keeps copies of client parts takes them from here."""
+
     def eval_model(self) -> nn.Module:
         return self.model
 
@@ -203,6 +207,35 @@ class Algorithm:
 
     def __init__(self, cfg: Config, split: SplitModel):
         self.cfg, self.split = cfg, split
+        self._warm_start: Algorithm | None = None
+
+    # -- the schedule of rounds ----------------------------------------------------------------
+    @property
+    def first_round(self) -> int:
+        return first_round(self.cfg)
+
+    def for_round(self, t: int) -> Algorithm:
+        """The algorithm that runs round t. Round 0 is the warm start (SPEC §2): one round of
+        cse_fsl, whose aggregate (client and aux models) the first round starts from."""
+        if t != WARM_START_ROUND:
+            return self
+        if self._warm_start is None:
+            from fslsage.algorithms.cse_fsl import CSEFSL
+
+            self._warm_start = self if isinstance(self, CSEFSL) else CSEFSL(self.cfg, self.split)
+        return self._warm_start
+
+    def hands_over(self, t: int) -> bool:
+        """Whether the S-Server takes the global weights (`Server.start_from`) as round t opens:
+        after the warm start, so FSL-SAGE's S-Server aligns from the warm aux model."""
+        return self.cfg.warm_start and t == WARM_START_ROUND + 1
+
+    def received_parts(self, t: int) -> tuple[str, ...]:
+        """The parts of the global weights that every client downloads as round t opens: the
+        previous round's aggregate (after the warm start, the aux model too), else the
+        first round's initial weights."""
+        previous = t - 1 if t > self.first_round else t
+        return self.for_round(previous).federated_parts
 
     # -- the client's modules ------------------------------------------------------------------
     def client_modules(self) -> dict[str, nn.Module]:
@@ -262,18 +295,35 @@ class Algorithm:
 
     # -- the plan: communication (the paper's accounting) and compute; no data needed --------------
     def planned_traffic(
-        self, t: int, batch_sizes: list[int], sizes: TrafficSizes
+        self,
+        t: int,
+        batch_sizes: list[int],
+        sizes: TrafficSizes,
+        received: tuple[str, ...] | None = None,
     ) -> list[Transfer]:
-        """Transfers of one client in round *t*, given its local-iteration batch sizes."""
-        out: list[Transfer] = []
-        for part in self.federated_parts:
-            out += [(part, "down", sizes.part_bytes[part]), (part, "up", sizes.part_bytes[part])]
+        """Transfers of one client in round *t*, given its local-iteration batch sizes: the
+        `received` global parts down (default: this algorithm's federated parts), its
+        federated parts up, and the per-batch traffic."""
+        out: list[Transfer] = [
+            (part, "down", sizes.part_bytes[part])
+            for part in (self.federated_parts if received is None else received)
+        ]
+        out += [(part, "up", sizes.part_bytes[part]) for part in self.federated_parts]
         return out + self.planned_batch_traffic(t, batch_sizes, sizes)
 
     def planned_batch_traffic(
         self, t: int, batch_sizes: list[int], sizes: TrafficSizes
     ) -> list[Transfer]:
         return []
+
+    def planned_round(
+        self, t: int, batch_sizes: list[int], sizes: TrafficSizes, costs: ComputeCosts
+    ) -> tuple[list[Transfer], tuple[float, float]]:
+        """One client's planned round t as the runtimes run it — by `for_round(t)`, starting
+        from `received_parts(t)`: (its transfers, its FLOPs on the client and the S-Server)."""
+        algo = self.for_round(t)
+        traffic = algo.planned_traffic(t, batch_sizes, sizes, self.received_parts(t))
+        return traffic, algo.planned_compute(t, batch_sizes, costs)
 
     def planned_compute(
         self, t: int, batch_sizes: list[int], costs: ComputeCosts
@@ -283,6 +333,14 @@ class Algorithm:
         model and the server model."""
         n = sum(batch_sizes)
         return n * costs.client_model, n * costs.server_model
+
+
+WARM_START_ROUND = 0
+
+
+def first_round(cfg: Config) -> int:
+    """Round 0 is the warm start, when the config asks for one; else rounds start at 1."""
+    return WARM_START_ROUND if cfg.warm_start else WARM_START_ROUND + 1
 
 
 def client_generator(seed: int, cid: int, device: torch.device | str = "cpu") -> torch.Generator:

@@ -13,6 +13,8 @@ S-Server (Algorithm 3, lazy):
     align i: g = ∂ NLL(x_s(z), y) / ∂z on the buffer with the current x_s, then train the S-Server's
              copy of x_a,i for align_epochs to minimise Σ ‖ĝ − g‖², and send it down
 F-Server (Algorithm 2): average client models. Auxiliary models are per client, never averaged.
+Warm start (optional): round 0 is one round of CSE-FSL; its averaged aux model goes down to every
+client with round 1's global model, and the S-Server's copies start from it too.
 
 Both ĝ and g are per-sample gradients here (sum reduction), so their scale does not depend on
 the batch size; the client's step uses ĝ of the batch-mean loss like every other algorithm.
@@ -94,6 +96,11 @@ class AligningServer(UploadServer):
         else:
             self.buffers[cid].append(z, y)
         super().on_upload(cid, z, y)
+
+    def start_from(self, global_weights):
+        """After the warm start every client holds the averaged aux model: so do our copies."""
+        for aux in self.aux:
+            aux.load_state_dict(global_weights["aux_model"], strict=False)
 
     def on_align(self, cid):
         buffer, aux, opt = self.buffers[cid], self.aux[cid], self.aux_opts[cid]

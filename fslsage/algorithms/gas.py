@@ -275,7 +275,7 @@ class GAS(Algorithm):
     def train_round(self, client: Client, batches: Batches, server: ServerLink, t: int):
         raise TypeError("gas runs global iterations (global_iteration), not synchronous rounds")
 
-    def planned_traffic(self, t, batch_sizes, sizes):
+    def planned_traffic(self, t, batch_sizes, sizes, received=None):
         raise TypeError("gas plans its traffic from its AsyncSchedule (see fslsage.dryrun)")
 
     def planned_event_traffic(self, event: str, batch: int, sizes: TrafficSizes):
