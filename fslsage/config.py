@@ -57,7 +57,12 @@ class Config:
     align_batch_size: int = 1000
     align_lr: float = 1e-3
     align_targets: Literal["lazy", "eager"] = "lazy"
-    server_mode: Literal["stateful"] = "stateful"
+    # stateless (sl, splitfed_v2): replicas answer from published weights, a reducer steps
+    server_mode: Literal["stateful", "stateless"] = "stateful"
+    server_replicas: int = 2  # runtime ray: replica actors (in-process, one replica serves)
+    sync_every: int = 0  # the reducer steps every this many gradients; 0: once a round
+    gradient_store: Literal["object_store", "files"] = "object_store"
+    gradient_store_path: str = ""  # files: a directory every node sees; "": a temporary one
     warm_start: bool = False  # aux algorithms: round 0 is one round of cse_fsl
     # gas (asynchronous; runtime local): a round is one global iteration
     local_iters: int = 20  # a client's steps before it uploads its model
@@ -116,10 +121,11 @@ _AT_LEAST_ONE = (
     "num_clients", "rounds", "local_epochs", "batch_size", "eval_batch_size", "shards_per_client",
     "server_update_interval", "align_interval", "align_buffer_size", "align_epochs",
     "align_batch_size", "max_batch", "local_iters", "model_buffer", "activation_buffer",
+    "server_replicas",
 )  # fmt: skip
 _NON_NEGATIVE = (
     "weight_decay", "client_gpus", "server_gpus", "max_wait_ms", "checkpoint_every",
-    "num_client_actors", "per_label", "active_clients",
+    "num_client_actors", "per_label", "active_clients", "sync_every",
 )  # fmt: skip
 
 SEARCH_SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -253,18 +259,27 @@ def _check_registries(cfg: Config) -> None:
                 registry.get(value)
             except UnknownNameError as e:
                 raise ConfigError(f"search.{key}", str(e)) from None
+    if cfg.server_mode == "stateless":
+        _require_algorithms(cfg, "server_mode", "stateless_server", "stateless replicas serve "
+                            "one shared server model that answers with gradients")  # fmt: skip
     if cfg.warm_start:
-        lacking = [
-            a for a in search_choices(cfg.search.get("algorithm")) or [cfg.algorithm]
-            if not ALGORITHMS.get(a).uses_aux
-        ]  # fmt: skip
-        if lacking:
-            aux = ", ".join(n for n in ALGORITHMS.names() if ALGORITHMS.get(n).uses_aux)
-            raise ConfigError(
-                "warm_start",
-                f"a warm start is one round of cse_fsl for an "
-                f"algorithm with an auxiliary model ({aux}); {lacking[0]} has none",
-            )
+        _require_algorithms(cfg, "warm_start", "uses_aux", "a warm start is one round of "
+                            "cse_fsl for an algorithm with an auxiliary model")  # fmt: skip
+
+
+def _require_algorithms(cfg: Config, key: str, capability: str, why: str) -> None:
+    """Every algorithm the config can run (its own, or its sweep's) has the class attribute
+    `capability` set, or a ConfigError on `key` names the first that has not."""
+    from fslsage.algorithms import ALGORITHMS
+
+    def able(name: str) -> bool:
+        return getattr(ALGORITHMS.get(name), capability)
+
+    lacking = [a for a in search_choices(cfg.search.get("algorithm")) or [cfg.algorithm]
+               if not able(a)]  # fmt: skip
+    if lacking:
+        names = ", ".join(n for n in ALGORITHMS.names() if able(n))
+        raise ConfigError(key, f"{why} ({names}); {lacking[0]} cannot")
 
 
 def search_choices(spec: Any) -> list:

@@ -27,7 +27,7 @@ def test_warm_start_needs_an_auxiliary_model(changes, culprit):
     with pytest.raises(ConfigError) as e:
         demo_config(warm_start=True, **changes)
     assert e.value.key == "warm_start"
-    assert culprit in str(e.value) and "cse_fsl, fsl_sage" in str(e.value)
+    assert f"(cse_fsl, fsl_sage); {culprit} cannot" in str(e.value)
 
 
 def test_round_zero_is_a_cse_fsl_round_and_hands_its_aux_model_on():

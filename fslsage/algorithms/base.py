@@ -204,6 +204,8 @@ class Algorithm:
     asynchronous: ClassVar[bool] = False  # gas: global iterations on a simulated-time schedule
     server_class: ClassVar[type[Server] | None] = Server
     uses_aux: ClassVar[bool] = False
+    # one shared server model that answers with gradients: it can run as stateless replicas
+    stateless_server: ClassVar[bool] = False
 
     def __init__(self, cfg: Config, split: SplitModel):
         self.cfg, self.split = cfg, split
@@ -258,8 +260,13 @@ class Algorithm:
     def new_server(self, device: torch.device) -> Server | None:
         if self.server_class is None:
             return None
-        return self.server_class(copy.deepcopy(self.split.server).to(device), self.cfg,
-                                 self.cfg.num_clients)  # fmt: skip
+        server_class = self.server_class
+        if self.cfg.server_mode == "stateless":  # replicas and a reducer (fslsage.stateless)
+            from fslsage.stateless import StatelessServer
+
+            server_class = StatelessServer
+        return server_class(copy.deepcopy(self.split.server).to(device), self.cfg,
+                            self.cfg.num_clients)  # fmt: skip
 
     def initial_global(self) -> dict[str, State]:
         modules = self.client_modules()

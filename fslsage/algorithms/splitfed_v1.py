@@ -39,3 +39,4 @@ class PerClientServer(Server):
 @ALGORITHMS.register("splitfed_v1")
 class SplitFedV1(SplitFedV2):
     server_class = PerClientServer
+    stateless_server = False  # a server copy per client: no one shared model to replicate

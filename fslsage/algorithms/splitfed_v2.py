@@ -28,6 +28,7 @@ class SharedServer(Server):
 @ALGORITHMS.register("splitfed_v2")
 class SplitFedV2(Algorithm):
     server_class = SharedServer
+    stateless_server = True
 
     def train_round(self, client: Client, batches: Batches, server: ServerLink, t: int):
         return train_with_server_gradients(client, batches, server)
