@@ -15,6 +15,7 @@ from typing import Any
 
 import ray
 import torch
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from actors.channel import ANSWERED, ChannelBroken, ClientChannel
 from actors.common import (
@@ -65,6 +66,8 @@ class ClientActor:
         self.held_done: list[tuple[int, int]] = []  # (cid, seq) of "done" markers not sent yet
         self.channel: ClientChannel | None = None  # same-node channel, if the S-Server offers one
         self.channel_known = not channel  # asked the S-Server for it (once, or after a break)
+        self.stateless = algo.cfg.server_mode == "stateless"
+        self.replicas: list[Any] = []  # stateless: where exchanges go (asked every round)
 
     def run_round(
         self, t: int, epoch: int, weights: dict[str, State], cids: list[int]
@@ -77,6 +80,8 @@ class ClientActor:
         states: list[dict[str, State]] = []
         if not self.channel_known:
             self._open_channel()
+        if self.stateless:  # replicas come and go: the current ones
+            self.replicas = ray.get(self.server.replicas.remote())
         for cid in cids:
             if self.crash_at == (t, cid):
                 os._exit(1)  # fault injection for the recovery test: the process dies here
@@ -133,6 +138,12 @@ class ClientActor:
         kind. Through the channel if there is one; if it broke (the S-Server died or was
         restarted), as a Ray call, which raises if the S-Server is gone and reaches it if Ray
         has restarted it."""
+        if kind == "exchange" and self.stateless:
+            answer = self._ask_replica(epoch, cid, seq, args)
+            if done:  # the markers that rode along still go to the S-Server
+                (done_cid, done_seq), *rest = done
+                self._submit(epoch, done_cid, done_seq, "done", (), rest)
+            return answer
         answered = kind in ANSWERED
         if self.channel is not None:
             try:
@@ -142,6 +153,20 @@ class ClientActor:
                 self.channel, self.channel_known = None, False  # asked again next round
         ref = self.server.submit.remote(epoch, cid, seq, kind, *args, done=done)
         return ray.get(ref) if answered else None
+
+    def _ask_replica(self, epoch: int, cid: int, seq: int, args: tuple) -> Any:
+        """An exchange, answered by a stateless replica: the client's own one (cid-spread), or,
+        if that one is dead or restarting, the next that answers."""
+        if not self.replicas:
+            raise RuntimeError("server_mode stateless, but no S-Server replica is registered")
+        error: Exception | None = None
+        for k in range(len(self.replicas)):
+            replica = self.replicas[(cid + k) % len(self.replicas)]
+            try:
+                return ray.get(replica.exchange.remote(epoch, cid, seq, *args))
+            except (RayActorError, ActorUnavailableError) as e:
+                error = e
+        raise RuntimeError(f"no S-Server replica answered client {cid}'s request") from error
 
     def _open_channel(self) -> None:
         node, path = ray.get(self.server.channel.remote())

@@ -35,6 +35,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 
 from actors.client_pool import ClientActor, owned_clients
 from actors.common import DataBundle, assigned_resources
+from actors.replica import ServerReplica
 from actors.s_server import SServer, StateLost
 from fslsage.algorithms.base import Algorithm, State
 from fslsage.config import Config, ConfigError
@@ -51,6 +52,7 @@ PLACEMENT_TIMEOUT_S = 600.0  # how long the actors get to be placed and started
 
 RemoteClientActor = ray.remote(max_restarts=MAX_RESTARTS)(ClientActor)
 RemoteSServer = ray.remote(max_restarts=MAX_RESTARTS)(SServer)
+RemoteReplica = ray.remote(max_restarts=MAX_RESTARTS)(ServerReplica)
 
 
 class Aggregator:
@@ -64,13 +66,18 @@ class Aggregator:
         self.algo = algo
 
     def aggregate(
-        self, t: int, report_refs: list[ray.ObjectRef], weight_refs: list[ray.ObjectRef]
+        self,
+        t: int,
+        report_refs: list[ray.ObjectRef],
+        weight_refs: list[ray.ObjectRef],
+        after: list[ray.ObjectRef] | None = None,
     ) -> dict[str, State]:
         """Called when the round starts, with the references nested (so Ray does not wait for
         them before the call runs). `weight_refs` are in client-id order, the order the
-        in-process runtime averages in."""
-        fetched = ray.get([*report_refs, *weight_refs])  # one fetch: the round's end is waiting
-        batches, weights = fetched[: len(report_refs)], fetched[len(report_refs) :]
+        in-process runtime averages in; the result is not released before `after` is done."""
+        fetched = ray.get([*report_refs, *weight_refs, *(after or [])])  # one fetch
+        n = len(report_refs)
+        batches, weights = fetched[:n], fetched[n : n + len(weight_refs)]
         reports = sorted((r for batch in batches for r in batch), key=lambda r: r.cid)
         return self.algo.for_round(t).aggregate(
             [dataclasses.replace(r, weights=w) for r, w in zip(reports, weights, strict=True)]
@@ -161,6 +168,9 @@ class RayRuntime:
             for cids in self.owned
         ]
         self.aggregator = RemoteAggregator.options(num_cpus=0).remote(self.algo_ref)
+        self.replicas: list[Any] = []  # server_mode stateless: the S-Server's replicas
+        for _ in range(cfg.server_replicas if cfg.server_mode == "stateless" else 0):
+            self.add_replica()
         self.actor_of = {
             cid: a for a, cids in zip(self.client_actors, self.owned, strict=True) for cid in cids
         }
@@ -181,6 +191,7 @@ class RayRuntime:
         """Every actor up (their errors raised here, not in round 1), or a clear error when the
         cluster cannot place them."""
         calls = [self.server.where.remote(), self.aggregator.where.remote()]
+        calls += [r.where.remote() for r in self.replicas]
         calls += [a.where.remote() for a in self.client_actors]
         ready, _ = ray.wait(calls, num_returns=len(calls), timeout=PLACEMENT_TIMEOUT_S)
         if len(ready) < len(calls):
@@ -193,6 +204,16 @@ class RayRuntime:
                 f"{ray.cluster_resources()}"
             )
         ray.get(ready)
+
+    def add_replica(self) -> Any:
+        """One more stateless S-Server replica (server_mode: stateless), at any time: it takes
+        the published weights, and clients use it from their next round."""
+        replica = RemoteReplica.options(num_cpus=0, num_gpus=self.cfg.server_gpus).remote(
+            self.algo_ref, self.server, self.cfg.server_gpus, 1
+        )
+        ray.get(self.server.register_replica.remote(replica))
+        self.replicas.append(replica)
+        return replica
 
     # -- the Runtime interface ------------------------------------------------------------------
     @property
@@ -248,7 +269,7 @@ class RayRuntime:
         return loss, acc
 
     def close(self) -> None:
-        for actor in [*self.client_actors, self.server, self.aggregator]:
+        for actor in [*self.client_actors, *self.replicas, self.server, self.aggregator]:
             ray.kill(actor)
         if self.started_ray:
             ray.shutdown()
@@ -291,12 +312,14 @@ class RayRuntime:
                 ).remote(t, self.epoch, weights, owned)
                 report_refs.append(reports)
                 weight_of.update(zip(owned, client_weights, strict=True))
-        new_global = self.aggregator.aggregate.remote(t, report_refs,
-                                                      [weight_of[c] for c in cids])  # fmt: skip
         previous = weights if evaluate_previous else None
         handover = weights if self.algo.hands_over(t) else None
         opening = self.server.begin_round.remote(t, self.epoch, cids, after, previous, handover)
         end = self.server.end_round.remote(t, self.epoch)
+        # stateless: the next round's requests must meet the weights this round's end publishes
+        after_end = [end] if self.cfg.server_mode == "stateless" else []
+        weight_refs = [weight_of[c] for c in cids]
+        new_global = self.aggregator.aggregate.remote(t, report_refs, weight_refs, after_end)
         refs = [*report_refs, *weight_of.values(), new_global]
         started = StartedRound(t, self.epoch, report_refs, new_global, end, opening, previous, refs)
         self.submitted.append(started)

@@ -57,10 +57,12 @@ from fslsage.algorithms.cse_fsl import UploadServer
 from fslsage.algorithms.fsl_sage import AligningServer, true_cut_gradient
 from fslsage.algorithms.splitfed_v2 import SharedServer
 from fslsage.experiment import evaluate, evaluation_steps, resolve_device
+from fslsage.stateless import StatelessServer
 
 log = logging.getLogger(__name__)
 
-CLIENT_KINDS = ("upload", "exchange", "align", "done")
+# "gradient": a stateless replica files a client's gradient record (server_mode: stateless)
+CLIENT_KINDS = ("upload", "exchange", "align", "done", "gradient")
 ROUND_KINDS = (*CLIENT_KINDS, "end")  # requests that belong to one round attempt
 BATCHING = ("exact", "coalesce")
 
@@ -182,6 +184,11 @@ class SServer:
         self.rejected: tuple[int, int] | None = None  # (epoch, after) of a lost-state opening
         # evaluations begun at openings, run a test batch at a time while no request is ready
         self.evaluations: deque[tuple[Generator, asyncio.Future]] = deque()
+        # server_mode stateless: the replicas this reducer publishes its weights to
+        self.replica_handles: list[Any] = []
+        self.publication = 0  # weights published so far (a restore publishes again)
+        self.published_version = 0  # the reducer step they were taken at
+        self.pushes: set[asyncio.Future] = set()
         self._reset_round(epoch=-1)
 
     # -- the actor's methods -------------------------------------------------------------------
@@ -246,6 +253,45 @@ class SServer:
 
     async def where(self) -> dict[str, Any]:
         return assigned_resources()
+
+    # -- stateless mode: this actor is the reducer ---------------------------------------------
+    async def published(self) -> tuple[int, State]:
+        """(publication number, weights) a replica answers with."""
+        return self.publication, pack(self.server.published())
+
+    async def register_replica(self, replica: Any) -> None:
+        """A replica joins: it gets every publication from now on, and the current one (it may
+        have asked for the weights before a step)."""
+        self.replica_handles.append(replica)
+        await self._push([replica])
+
+    async def replicas(self) -> list[Any]:
+        return list(self.replica_handles)
+
+    async def _publish_if_stepped(self, wait: bool = False) -> None:
+        """After the reducer stepped: the new weights to every replica; `wait` for them to
+        have them (the round's end: the next round's requests must see them)."""
+        if not isinstance(self.server, StatelessServer):
+            return
+        if self.server.version != self.published_version:
+            self.published_version = self.server.version
+            self.publication += 1
+            push = self._push(list(self.replica_handles))
+            if wait:
+                await push
+            else:  # mid-round: the replicas catch up while requests go on
+                task = asyncio.ensure_future(push)
+                self.pushes.add(task)  # held until done (the loop keeps only weak references)
+                task.add_done_callback(self.pushes.discard)
+
+    async def _push(self, replicas: list[Any]) -> None:
+        state = ray.put(pack(self.server.published()))
+        calls = [r.publish.remote(self.publication, state) for r in replicas]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        for replica, result in zip(replicas, results, strict=True):
+            dead = isinstance(result, ray.exceptions.ActorDiedError)
+            if dead and replica in self.replica_handles:  # killed for good (a restarting one
+                self.replica_handles.remove(replica)  # pulls the weights as it starts)
 
     async def channel(self) -> tuple[str, str | None]:
         """(node id, socket path) of the same-node fast path for `submit` (actors.channel),
@@ -386,6 +432,8 @@ class SServer:
                 _fail(req, RoundAborted(f"request of round attempt {req.epoch}"))
             elif req.kind == "end":
                 self.end_req = req  # answered by _maybe_end_round
+            elif req.kind == "gradient" and req.seq < self.next_seq[req.cid]:
+                pass  # filed again by another replica after it was applied: kept once
             else:
                 self.pending[req.cid][req.seq] = req
             return
@@ -440,6 +488,9 @@ class SServer:
             blob, self.state_after = req.args
             self.rejected = None
             self.server = await self._compute(loads, blob, self.device)
+            if isinstance(self.server, StatelessServer):  # the replicas go back with it
+                self.published_version = -1
+                await self._publish_if_stepped(wait=True)
             return None
         if req.kind == "stats":
             return {"batch_sizes": dict(self.batch_sizes)}
@@ -492,6 +543,7 @@ class SServer:
         self.batch_sizes[len(live)] += 1
         for r, result in zip(live, results, strict=True):
             _answer(r, result)
+        await self._publish_if_stepped()
 
     async def _maybe_end_round(self) -> bool:
         """Answers the round's end once every client is done; True if it did."""
@@ -509,6 +561,7 @@ class SServer:
             try:
                 (t,) = req.args
                 metrics = await self._compute(self.server.end_round, t) if self.server else {}
+                await self._publish_if_stepped(wait=True)
             except Exception as e:  # noqa: BLE001
                 _fail(req, e)
             else:

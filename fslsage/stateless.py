@@ -83,6 +83,12 @@ def load_record(path: str | Path, device: torch.device | str = "cpu") -> Gradien
     return GradientRecord(blob["grads"], blob["buffers"])
 
 
+def gradient_store_dir(cfg) -> str:
+    """Where record files go: `gradient_store_path` (a path every node sees, on a cluster),
+    else a folder in this machine's temporary directory."""
+    return cfg.gradient_store_path or os.path.join(tempfile.gettempdir(), "fslsage-gradients")
+
+
 class StatelessServer(Server):
     """The S-Server role in stateless mode: the reducer, which holds the master weights and the
     optimizer, and the published weights a replica answers with (in-process, one replica
@@ -94,16 +100,13 @@ class StatelessServer(Server):
         self.replica = copy.deepcopy(model)  # the published weights
         self.version = 0  # reducer steps so far
         self.pending: list[GradientRecord | str] = []
-        self.store_dir = cfg.gradient_store_path or None
         self.applied = 0  # gradient records applied (tests: none lost, none twice)
 
     def on_exchange(self, cid, z, y):
         """In-process: a replica answers, its record goes to the store and on to the reducer."""
         grad, loss, record = replica_answer(self.replica, z, y)
         if self.cfg.gradient_store == "files":
-            if self.store_dir is None:
-                self.store_dir = tempfile.mkdtemp(prefix="fslsage-gradients-")
-            self.on_gradient(cid, save_record(self.store_dir, record))
+            self.on_gradient(cid, save_record(gradient_store_dir(self.cfg), record))
         else:
             self.on_gradient(cid, record)
         return grad, loss

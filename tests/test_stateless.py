@@ -9,8 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import demo_config
+from test_ray_runtime import assert_local_evaluations, assert_same_metrics, run_local, run_ray
 from torch import nn
 
+from actors.common import loads
+from actors.runtime import RayRuntime
 from fslsage.algorithms.base import cut_gradient, loss_fn, make_optimizer
 from fslsage.config import ConfigError
 from fslsage.experiment import LocalRuntime, prepare, run_experiment
@@ -127,3 +130,50 @@ def test_bad_stateless_config_names_the_key(changes, key):
     with pytest.raises(ConfigError) as e:
         demo_config(**changes)
     assert e.value.key == key
+
+
+# ----------------------------------------------------------------------------- on Ray
+@pytest.mark.parametrize("store", ["object_store", "files"])
+def test_ray_replicas_reproduce_the_in_process_run(ray_session, tmp_path, store):
+    """Two replica actors answer the clients, the S-Server actor reduces once a round: the
+    in-process runtime's metrics to 1e-6, and record files leave the store once applied."""
+
+    path = str(tmp_path / "store") if store == "files" else ""
+    cfg = demo_config(algorithm="splitfed_v2", server_mode="stateless", sync_every=0, rounds=2,
+                      gradient_store=store, gradient_store_path=path)  # fmt: skip
+
+    def served(runtime) -> dict:
+        return {"replicas": runtime.replicas}
+
+    ray_df, info = run_ray(cfg, tmp_path / "ray", before=served)
+    assert len(info["replicas"]) == cfg.server_replicas
+    assert_same_metrics(run_local(cfg, tmp_path / "local"), ray_df)
+    if store == "files":
+        assert list((tmp_path / "store").iterdir()) == []
+
+
+def test_replicas_killed_and_added_mid_run_lose_no_update(ray_session):
+    """Replica 0 dies after filing a record and before answering it (its client asks replica 1,
+    which files the same request again); then replica 1 is killed for good and a new one added.
+    Every gradient is applied once: the run equals the in-process one."""
+    ray = ray_session
+    cfg = demo_config(algorithm="splitfed_v2", server_mode="stateless", sync_every=0, rounds=3)
+    runtime = RayRuntime(prepare(cfg))
+    try:
+        first, second = runtime.replicas
+        ray.get(first.arm_crash.remote())
+        rows = []
+        for t in range(1, cfg.rounds + 1):
+            runtime.run_round(t)
+            rows.append(runtime.evaluate())
+            if t == 1:
+                ray.kill(second, no_restart=True)
+                added = runtime.add_replica()
+        served = ray.get(added.where.remote())["served"]
+        applied = loads(ray.get(runtime.server.state.remote()), torch.device("cpu")).applied
+    finally:
+        runtime.close()
+    assert_local_evaluations(cfg, rows)
+    batches = sum(-(-len(part) // cfg.batch_size) for part in prepare(cfg).client_indices)
+    assert applied == cfg.rounds * batches  # none lost, none twice
+    assert served > 0  # the added replica took requests

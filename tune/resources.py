@@ -3,9 +3,9 @@
 `runtime: local` runs the whole experiment in the trial process: one bundle {CPU: 1} (plus
 `server_gpus` GPUs if asked). `runtime: ray` reserves what the actors it starts will ask for:
 an empty head bundle for the trial (the F-Server loop only waits on actors), one bundle for the
-S-Server {CPU: 1, GPU: server_gpus} and one per client actor {CPU: client_cpus, GPU:
-client_gpus}. Tune captures the actors into the trial's placement group, so concurrent trials
-never oversubscribe the cluster.
+S-Server {CPU: 1, GPU: server_gpus}, one per client actor {CPU: client_cpus, GPU: client_gpus}
+and, in stateless mode on GPUs, one per S-Server replica {GPU: server_gpus}. Tune captures the
+actors into the trial's placement group, so concurrent trials never oversubscribe the cluster.
 """
 
 from __future__ import annotations
@@ -36,7 +36,10 @@ def trial_bundles(cfg: Config, cluster: dict[str, float]) -> list[dict[str, floa
         server[f"accelerator_type:{cfg.server_accelerator}"] = 0.001
     client = _nonzero({"CPU": cfg.client_cpus, "GPU": cfg.client_gpus})
     n = client_actor_count(cfg, cluster)
-    return [{}, _nonzero(server)] + [dict(client) for _ in range(n)]
+    # stateless replicas take no CPU (like the S-Server) but a GPU share each, if it has one
+    replicas = cfg.server_replicas if cfg.server_mode == "stateless" and cfg.server_gpus else 0
+    replica = {"GPU": cfg.server_gpus}
+    return [{}, _nonzero(server)] + [dict(client) for _ in range(n)] + [replica] * replicas
 
 
 def pin_client_actors(cfg: Config, cluster: dict[str, float]) -> Config:

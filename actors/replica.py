@@ -1,0 +1,70 @@
+"""Stateless S-Server replicas on Ray (`server_mode: stateless`, SPEC §2; the maths is
+`fslsage.stateless`).
+
+A replica answers a client's exchange with the weights the reducer last published to it. The
+reducer is the S-Server actor: it files each gradient record like any client request (so
+`exact` applies them in client and request order), steps every `sync_every` records and
+publishes the new weights to every registered replica. A replica files its record and waits for
+the filing before it answers: a replica killed at any point loses no update — its client asks
+the next replica, and a record filed twice under the same (client, request) is kept once.
+Replicas can be added (`RayRuntime.add_replica`) or killed at any time.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any
+
+import ray
+import torch
+
+from actors.common import assigned_resources, cap_cuda_memory, pack, unpack
+from fslsage.algorithms.base import Algorithm, State
+from fslsage.experiment import resolve_device
+from fslsage.stateless import gradient_store_dir, replica_answer, save_record
+
+
+class ServerReplica:
+    def __init__(self, algo: Algorithm, reducer: Any, gpu_fraction: float = 0.0,
+                 threads: int = 1):  # fmt: skip
+        torch.set_num_threads(threads)
+        self.cfg = algo.cfg
+        self.device = resolve_device(self.cfg)
+        cap_cuda_memory(self.device, gpu_fraction)
+        self.model = copy.deepcopy(algo.split.server).to(self.device)
+        self.reducer = reducer
+        self.store_dir = gradient_store_dir(self.cfg)
+        self.publication = -1
+        self.served = 0
+        self.crash_after_filing = False
+        # the weights as they are now; later ones are pushed by the reducer
+        self.publish(*ray.get(reducer.published.remote()))
+
+    def publish(self, publication: int, state: State) -> None:
+        """New weights from the reducer; an older publication that arrives late is ignored."""
+        if publication > self.publication:
+            self.model.load_state_dict(unpack(state, self.device))
+            self.publication = publication
+
+    def exchange(self, epoch: int, cid: int, seq: int, *args: Any) -> Any:
+        z, y = unpack(args, self.device)
+        grad, loss, record = replica_answer(self.model, z, y)
+        record.grads = {k: v.cpu() for k, v in record.grads.items()}
+        record.buffers = {k: v.cpu() for k, v in record.buffers.items()}
+        if self.cfg.gradient_store == "files":
+            payload: Any = save_record(self.store_dir, record)
+        else:
+            payload = record  # by value: the reducer holds it once the call returns
+        ray.get(self.reducer.submit.remote(epoch, cid, seq, "gradient", payload))
+        if self.crash_after_filing:
+            os._exit(1)  # fault injection: filed, never answered
+        self.served += 1
+        return pack((grad, loss))
+
+    def arm_crash(self) -> None:
+        """Test hook: the process exits after filing its next record, before answering."""
+        self.crash_after_filing = True
+
+    def where(self) -> dict[str, Any]:
+        return {**assigned_resources(), "served": self.served, "publication": self.publication}
