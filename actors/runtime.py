@@ -37,7 +37,7 @@ from actors.client_pool import ClientActor, owned_clients
 from actors.common import DataBundle, assigned_resources
 from actors.replica import ServerReplica
 from actors.s_server import SServer, StateLost
-from fslsage.algorithms.base import Algorithm, State
+from fslsage.algorithms.base import Algorithm, State, first_round
 from fslsage.config import Config, ConfigError
 from fslsage.experiment import Prepared, RoundOutcome
 
@@ -175,7 +175,7 @@ class RayRuntime:
             cid: a for a, cids in zip(self.client_actors, self.owned, strict=True) for cid in cids
         }
         self._wait_until_started()
-        self.global_ref = ray.put(algo.for_round(algo.first_round).initial_global())
+        self.global_ref = ray.put(algo.for_round(first_round(cfg)).initial_global())
         self.epoch = 0  # round attempts: requests of an abandoned attempt are rejected
         self.server_after = 0  # the attempt whose end the S-Server's state follows (0: initial)
         self.submitted: list[StartedRound] = []  # rounds submitted and not finished, in order
@@ -185,7 +185,7 @@ class RayRuntime:
         self.evaluation: tuple[ray.ObjectRef, tuple[float, float]] | None = None
         self.checkpoint: Checkpoint | None = None
         if cfg.checkpoint_every:
-            self._checkpoint(algo.first_round - 1)  # the state before the first round
+            self._checkpoint(first_round(cfg) - 1)  # the state before the first round
 
     def _wait_until_started(self) -> None:
         """Every actor up (their errors raised here, not in round 1), or a clear error when the

@@ -269,20 +269,23 @@ class SServer:
         return list(self.replica_handles)
 
     async def _publish_if_stepped(self, wait: bool = False) -> None:
-        """After the reducer stepped: the new weights to every replica; `wait` for them to
+        """After the reducer stepped: its new weights to every replica."""
+        stateless = isinstance(self.server, StatelessServer)
+        if stateless and self.server.version != self.published_version:
+            await self._publish(wait)
+
+    async def _publish(self, wait: bool) -> None:
+        """The reducer's weights as the next publication, to every replica; `wait` for them to
         have them (the round's end: the next round's requests must see them)."""
-        if not isinstance(self.server, StatelessServer):
-            return
-        if self.server.version != self.published_version:
-            self.published_version = self.server.version
-            self.publication += 1
-            push = self._push(list(self.replica_handles))
-            if wait:
-                await push
-            else:  # mid-round: the replicas catch up while requests go on
-                task = asyncio.ensure_future(push)
-                self.pushes.add(task)  # held until done (the loop keeps only weak references)
-                task.add_done_callback(self.pushes.discard)
+        self.published_version = self.server.version
+        self.publication += 1
+        push = self._push(list(self.replica_handles))
+        if wait:
+            await push
+        else:  # mid-round: the replicas catch up while requests go on
+            task = asyncio.ensure_future(push)
+            self.pushes.add(task)  # held until done (the loop keeps only weak references)
+            task.add_done_callback(self.pushes.discard)
 
     async def _push(self, replicas: list[Any]) -> None:
         state = ray.put(pack(self.server.published()))
@@ -489,8 +492,7 @@ class SServer:
             self.rejected = None
             self.server = await self._compute(loads, blob, self.device)
             if isinstance(self.server, StatelessServer):  # the replicas go back with it
-                self.published_version = -1
-                await self._publish_if_stepped(wait=True)
+                await self._publish(wait=True)
             return None
         if req.kind == "stats":
             return {"batch_sizes": dict(self.batch_sizes)}

@@ -161,7 +161,7 @@ class LocalRuntime:
         self.send = local_send(self.server)
         self.global_weights: dict[str, State] = {
             p: {k: v.to(self.device) for k, v in s.items()}
-            for p, s in algo.for_round(algo.first_round).initial_global().items()
+            for p, s in algo.for_round(first_round(cfg)).initial_global().items()
         }
         if algo.asynchronous:
             self._start_schedule()

@@ -91,19 +91,21 @@ def gradient_store_dir(cfg) -> str:
 
 class StatelessServer(Server):
     """The S-Server role in stateless mode: the reducer, which holds the master weights and the
-    optimizer, and the published weights a replica answers with (in-process, one replica
-    serves every request; on Ray, `server_replicas` actors do, and only the reducer runs
-    here). Records arrive through `on_gradient`, by value or as the path of a file."""
+    optimizer, and in-process the one replica that serves every request (on Ray,
+    `server_replicas` actors do, and only the reducer runs here: it holds no replica). Records
+    arrive through `on_gradient`, by value or as the path of a file."""
 
     def __init__(self, model: nn.Module, cfg, num_clients: int):
         super().__init__(model, cfg, num_clients)
-        self.replica = copy.deepcopy(model)  # the published weights
+        self.replica: nn.Module | None = None  # the published weights, from the first request
         self.version = 0  # reducer steps so far
         self.pending: list[GradientRecord | str] = []
         self.applied = 0  # gradient records applied (tests: none lost, none twice)
 
     def on_exchange(self, cid, z, y):
         """In-process: a replica answers, its record goes to the store and on to the reducer."""
+        if self.replica is None:  # the master weights are the published ones between steps
+            self.replica = copy.deepcopy(self.model)
         grad, loss, record = replica_answer(self.replica, z, y)
         if self.cfg.gradient_store == "files":
             self.on_gradient(cid, save_record(gradient_store_dir(self.cfg), record))
@@ -135,7 +137,8 @@ class StatelessServer(Server):
         self.version += 1
         self.applied += n
         self.pending = []
-        self.replica.load_state_dict(self.model.state_dict())
+        if self.replica is not None:
+            self.replica.load_state_dict(self.model.state_dict())
         for path in paths:  # applied: the store lets go of them
             Path(path).unlink(missing_ok=True)
 

@@ -212,10 +212,6 @@ class Algorithm:
         self._warm_start: Algorithm | None = None
 
     # -- the schedule of rounds ----------------------------------------------------------------
-    @property
-    def first_round(self) -> int:
-        return first_round(self.cfg)
-
     def for_round(self, t: int) -> Algorithm:
         """The algorithm that runs round t. Round 0 is the warm start (SPEC §2): one round of
         cse_fsl, whose aggregate (client and aux models) the first round starts from."""
@@ -236,7 +232,7 @@ class Algorithm:
         """The parts of the global weights that every client downloads as round t opens: the
         previous round's aggregate (after the warm start, the aux model too), else the
         first round's initial weights."""
-        previous = t - 1 if t > self.first_round else t
+        previous = t - 1 if t > first_round(self.cfg) else t
         return self.for_round(previous).federated_parts
 
     # -- the client's modules ------------------------------------------------------------------
