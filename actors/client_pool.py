@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -29,8 +30,10 @@ from actors.common import (
     unpack,
 )
 from fslsage.algorithms.base import Algorithm, ClientReport, State
+from fslsage.data import BatchStream
 from fslsage.experiment import resolve_device
-from fslsage.transport import Send, run_client_round
+from fslsage.ledger import Ledger
+from fslsage.transport import RecordingLink, Send, run_client_round
 
 
 def owned_clients(num_clients: int, num_actors: int) -> list[list[int]]:
@@ -68,6 +71,18 @@ class ClientActor:
         self.channel_known = not channel  # asked the S-Server for it (once, or after a break)
         self.stateless = algo.cfg.server_mode == "stateless"
         self.replicas: list[Any] = []  # stateless: where exchanges go (asked every round)
+        self.streams: dict[int, BatchStream] = {}  # gas: each client's endless minibatches
+        if algo.asynchronous:
+            self._open_streams()
+
+    def _open_streams(self, positions: dict[int, Any] | None = None) -> None:
+        """gas: a minibatch stream per client, drawing from the client's own generator; at
+        `positions` when restored from a checkpoint."""
+        batch = self.algo.cfg.batch_size
+        for cid, client in self.clients.items():
+            self.streams[cid] = BatchStream(self.shards[cid], batch, client.generator)
+            if positions is not None:
+                self.streams[cid].seek(positions[cid])
 
     def run_round(
         self, t: int, epoch: int, weights: dict[str, State], cids: list[int]
@@ -78,10 +93,7 @@ class ClientActor:
         algorithm, the next client) reads them from the object store, not via the driver."""
         reports: list[ClientReport] = []
         states: list[dict[str, State]] = []
-        if not self.channel_known:
-            self._open_channel()
-        if self.stateless:  # replicas come and go: the current ones
-            self.replicas = ray.get(self.server.replicas.remote())
+        self._prepare_round()
         for cid in cids:
             if self.crash_at == (t, cid):
                 os._exit(1)  # fault injection for the recovery test: the process dies here
@@ -95,6 +107,48 @@ class ClientActor:
             report.weights = {}
             reports.append(report)
         return (reports, *states)
+
+    def run_global_iteration(
+        self, t: int, epoch: int, weights: dict[str, State], events: list[tuple[int, str, int]]
+    ) -> tuple[Any, ...]:
+        """gas: global iteration t's schedule events of this actor's clients, (event index,
+        kind, client id) in schedule order (`GAS.on_event`); the S-Server answers the steps in
+        the whole schedule's order. Returns 1 + (number of "finish" events) values: the summary
+        (each step's (event index, loss), the ledger, the finished clients' reports without
+        weights, in order), then each finished client's weights as its own object."""
+        self._prepare_round()
+        ledger = Ledger()
+        steps = Counter(cid for _, kind, cid in events if kind == "step")
+        links = {  # one a client: its last request carries its "done" marker
+            cid: RecordingLink(cid, t, ledger, self._link(epoch, cid)[0], expected=n)
+            for cid, n in steps.items()
+        }
+        losses: list[tuple[int, float]] = []
+        reports: list[ClientReport] = []
+        states: list[dict[str, State]] = []
+        for index, kind, cid in events:
+            if self.crash_at == (t, cid):
+                os._exit(1)  # fault injection for the recovery test: the process dies here
+            out = self.algo.on_event(t, kind, self.clients[cid], self.streams.get(cid), weights,
+                                     links.get(cid), ledger)  # fmt: skip
+            if isinstance(out, ClientReport):
+                states.append(_cpu(out.weights))
+                out.weights = {}
+                reports.append(out)
+            elif out is not None:
+                losses.append((index, float(out)))
+        for link in links.values():
+            link.close()
+        summary = {"losses": losses, "ledger": ledger.entries(), "reports": reports}
+        return (summary, *states) if states else summary  # one return value goes as it is
+
+    def _prepare_round(self) -> None:
+        """The same-node channel (asked once, or after it broke) and, stateless, the replicas
+        (they come and go: the current ones)."""
+        if not self.channel_known:
+            self._open_channel()
+        if self.stateless:
+            self.replicas = ray.get(self.server.replicas.remote())
 
     def _link(self, epoch: int, cid: int) -> tuple[Send, Callable[[], None]]:
         """`send` for one client's round: numbered S-Server calls (Ray does not keep the order of
@@ -178,11 +232,15 @@ class ClientActor:
                 self.channel = None
 
     def state(self) -> bytes:
-        """Every owned client (modules, optimizer state, RNG) for a checkpoint."""
-        return dumps(self.clients)
+        """Every owned client (modules, optimizer state, RNG, and for gas where its minibatch
+        stream stands) for a checkpoint."""
+        positions = {cid: stream.position() for cid, stream in self.streams.items()}
+        return dumps((self.clients, positions))
 
     def load_state(self, blob: bytes) -> None:
-        self.clients = loads(blob, self.device)
+        self.clients, positions = loads(blob, self.device)
+        if self.streams:  # they draw from the restored clients' generators
+            self._open_streams(positions)
 
     def arm_crash(self, t: int, cid: int) -> None:
         """Test hook: the process exits when it is about to run client `cid` in round t."""

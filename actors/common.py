@@ -62,6 +62,7 @@ class DataBundle:
     test_x: SharedArray
     test_y: SharedArray
     offsets: tuple[int, ...]  # client c's samples are rows offsets[c] : offsets[c + 1]
+    label_counts: np.ndarray  # (clients, classes): the partition's label histogram
 
     @classmethod
     def of(cls, prepared: Prepared) -> DataBundle:
@@ -69,7 +70,8 @@ class DataBundle:
         order = torch.as_tensor(np.concatenate(prepared.client_indices), dtype=torch.long)
         offsets = np.cumsum([0, *(len(i) for i in prepared.client_indices)])
         arrays = (ds.train_x[order], ds.train_y[order], ds.test_x, ds.test_y)
-        return cls(ds.info, *(SharedArray.of(t) for t in arrays), tuple(map(int, offsets)))
+        return cls(ds.info, *(SharedArray.of(t) for t in arrays), tuple(map(int, offsets)),
+                   prepared.histogram)  # fmt: skip
 
     def shard(self, cid: int, device: torch.device) -> ClientShard:
         """Client `cid`'s samples, in the order `Prepared.shard` gathers them: on the CPU, a

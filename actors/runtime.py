@@ -22,15 +22,17 @@ names the attempt whose end the server's state must follow.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import ray
+import torch
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from actors.client_pool import ClientActor, owned_clients
@@ -39,7 +41,10 @@ from actors.replica import ServerReplica
 from actors.s_server import SServer, StateLost
 from fslsage.algorithms.base import Algorithm, State, first_round
 from fslsage.config import Config, ConfigError
-from fslsage.experiment import Prepared, RoundOutcome
+from fslsage.experiment import Prepared, RoundOutcome, async_schedule
+
+if TYPE_CHECKING:
+    from fslsage.algorithms.gas import AsyncSchedule
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -71,14 +76,20 @@ class Aggregator:
         report_refs: list[ray.ObjectRef],
         weight_refs: list[ray.ObjectRef],
         after: list[ray.ObjectRef] | None = None,
+        order: list[tuple[int, int]] | None = None,
     ) -> dict[str, State]:
         """Called when the round starts, with the references nested (so Ray does not wait for
-        them before the call runs). `weight_refs` are in client-id order, the order the
-        in-process runtime averages in; the result is not released before `after` is done."""
+        them before the call runs). `weight_refs` are in the order the in-process runtime
+        averages in: client-id order, or for gas `order`, the (report batch, index in its
+        "reports") of each model in the model buffer. The result is not released before
+        `after` is done."""
         fetched = ray.get([*report_refs, *weight_refs, *(after or [])])  # one fetch
         n = len(report_refs)
         batches, weights = fetched[:n], fetched[n : n + len(weight_refs)]
-        reports = sorted((r for batch in batches for r in batch), key=lambda r: r.cid)
+        if order is None:
+            reports = sorted((r for batch in batches for r in batch), key=lambda r: r.cid)
+        else:  # gas: the model buffer, in the order its clients finished
+            reports = [batches[b]["reports"][i] for b, i in order]
         return self.algo.for_round(t).aggregate(
             [dataclasses.replace(r, weights=w) for r, w in zip(reports, weights, strict=True)]
         )
@@ -115,6 +126,19 @@ def client_actor_count(cfg: Config, resources: dict[str, float], reserved_cpus: 
 
 
 @dataclass
+class ClientCalls:
+    """The client actors' calls of one round attempt, as the S-Server and the aggregator take
+    them."""
+
+    report_refs: list[ray.ObjectRef]  # per call: its reports (gas: its summary)
+    weight_refs: list[ray.ObjectRef]  # each client model, in the order they are averaged in
+    cids: list[int]  # the clients the S-Server hears from
+    turns: list[int] | None = None  # gas: the client of each S-Server request, in order
+    order: list[tuple[int, int]] | None = None  # gas: see Aggregator.aggregate
+    sim_seconds: float | None = None  # gas: the global iteration's simulated time
+
+
+@dataclass
 class StartedRound:
     """A round attempt's calls, submitted and not yet awaited."""
 
@@ -126,6 +150,7 @@ class StartedRound:
     opening: ray.ObjectRef  # begin_round: the evaluation of `previous_global`, or None
     previous_global: ray.ObjectRef | None
     refs: list[ray.ObjectRef]  # what an aborted attempt must let return before a restore
+    sim_seconds: float | None = None  # gas: the global iteration's simulated time
 
 
 @dataclass
@@ -137,6 +162,7 @@ class Checkpoint:
     global_weights: ray.ObjectRef
     server: ray.ObjectRef
     clients: list[ray.ObjectRef]
+    schedule: AsyncSchedule | None = None  # gas: where the simulated-time schedule stood
 
 
 class RayRuntime:
@@ -175,6 +201,12 @@ class RayRuntime:
             cid: a for a, cids in zip(self.client_actors, self.owned, strict=True) for cid in cids
         }
         self._wait_until_started()
+        # gas: the F-Server plans each global iteration's events (they depend on no training)
+        self.schedule = (
+            async_schedule(cfg, [len(i) for i in prepared.client_indices])
+            if algo.asynchronous
+            else None
+        )
         self.global_ref = ray.put(algo.for_round(first_round(cfg)).initial_global())
         self.epoch = 0  # round attempts: requests of an abandoned attempt are rejected
         self.server_after = 0  # the attempt whose end the S-Server's state follows (0: initial)
@@ -295,6 +327,28 @@ class RayRuntime:
         else:
             weights, after = self.global_ref, self.server_after
         self.epoch += 1
+        if self.algo.asynchronous:
+            calls = self._global_iteration_calls(t, weights)
+        else:
+            calls = self._round_calls(t, weights)
+        previous = weights if evaluate_previous else None
+        handover = weights if self.algo.hands_over(t) else None
+        opening = self.server.begin_round.remote(t, self.epoch, calls.cids, after, previous,
+                                                 handover, calls.turns)  # fmt: skip
+        end = self.server.end_round.remote(t, self.epoch)
+        # stateless: the next round's requests must meet the weights this round's end publishes
+        after_end = [end] if self.cfg.server_mode == "stateless" else []
+        new_global = self.aggregator.aggregate.remote(t, calls.report_refs, calls.weight_refs,
+                                                      after_end, calls.order)  # fmt: skip
+        refs = [*calls.report_refs, *calls.weight_refs, new_global]
+        started = StartedRound(t, self.epoch, calls.report_refs, new_global, end, opening,
+                               previous, refs, calls.sim_seconds)  # fmt: skip
+        self.submitted.append(started)
+        return started
+
+    def _round_calls(self, t: int, weights: ray.ObjectRef) -> ClientCalls:
+        """A synchronous round: every client trains from `weights` (a sequential algorithm's
+        from the client before it); each actor runs its own clients in id order."""
         cids = list(range(self.cfg.num_clients))
         report_refs: list[ray.ObjectRef] = []
         weight_of: dict[int, ray.ObjectRef] = {}  # each client's weights, in the object store
@@ -312,27 +366,50 @@ class RayRuntime:
                 ).remote(t, self.epoch, weights, owned)
                 report_refs.append(reports)
                 weight_of.update(zip(owned, client_weights, strict=True))
-        previous = weights if evaluate_previous else None
-        handover = weights if self.algo.hands_over(t) else None
-        opening = self.server.begin_round.remote(t, self.epoch, cids, after, previous, handover)
-        end = self.server.end_round.remote(t, self.epoch)
-        # stateless: the next round's requests must meet the weights this round's end publishes
-        after_end = [end] if self.cfg.server_mode == "stateless" else []
-        weight_refs = [weight_of[c] for c in cids]
-        new_global = self.aggregator.aggregate.remote(t, report_refs, weight_refs, after_end)
-        refs = [*report_refs, *weight_of.values(), new_global]
-        started = StartedRound(t, self.epoch, report_refs, new_global, end, opening, previous, refs)
-        self.submitted.append(started)
-        return started
+        return ClientCalls(report_refs, [weight_of[c] for c in cids], cids)
+
+    def _global_iteration_calls(self, t: int, weights: ray.ObjectRef) -> ClientCalls:
+        """gas: the schedule's next global iteration, each actor given its clients' events;
+        the S-Server serves the steps in the schedule's order (its turns)."""
+        assert self.schedule is not None
+        began = self.schedule.now
+        events = list(self.schedule.global_iteration())
+        actor_index = {cid: a for a, owned in enumerate(self.owned) for cid in owned}
+        per_actor: list[list[tuple[int, str, int]]] = [[] for _ in self.client_actors]
+        finished = [0] * len(self.client_actors)
+        order: list[tuple[int, int]] = []  # (call, its n-th finish) of each model buffered
+        for index, (kind, cid, _batch) in enumerate(events):
+            a = actor_index[cid]
+            per_actor[a].append((index, kind, cid))
+            if kind == "finish":
+                order.append((a, finished[a]))
+                finished[a] += 1
+        report_refs: list[ray.ObjectRef] = []
+        models: list[list[ray.ObjectRef]] = []
+        for actor, actor_events, n in zip(self.client_actors, per_actor, finished, strict=True):
+            refs = actor.run_global_iteration.options(num_returns=1 + n).remote(
+                t, self.epoch, weights, actor_events
+            )
+            refs = refs if n else [refs]  # Ray hands back one return as a single reference
+            report_refs.append(refs[0])
+            models.append(refs[1:])
+        turns = [cid for kind, cid, _ in events if kind == "step"]
+        return ClientCalls(report_refs, [models[a][i] for a, i in order], sorted(set(turns)),
+                           turns, order, self.schedule.now - began)  # fmt: skip
 
     def _finish(self, started: StartedRound) -> RoundOutcome:
         """Waits for the round's reports and server metrics; the new global model is left to
         the object store (the next round and the evaluation read it there)."""
         batches = _get_promptly(started.report_refs)
-        reports = sorted((r for b in batches for r in b), key=lambda r: r.cid)
         server_metrics = ray.get(started.end)
         self.submitted.remove(started)
         self.global_ref, self.server_after = started.new_global, started.epoch
+        if self.algo.asynchronous:  # the summaries of the actors' events
+            losses = sorted(pair for summary in batches for pair in summary["losses"])
+            loss = torch.tensor([value for _, value in losses]).mean()  # in schedule order
+            ledger = [entry for summary in batches for entry in summary["ledger"]]
+            return RoundOutcome(float(loss), ledger, server_metrics, started.sim_seconds)
+        reports = sorted((r for b in batches for r in b), key=lambda r: r.cid)
         return RoundOutcome.from_reports(reports, server_metrics)
 
     # -- checkpoints and recovery -----------------------------------------------------------------
@@ -357,7 +434,8 @@ class RayRuntime:
         clients = [a.state.remote() for a in self.client_actors]
         # taken before the next round changes anything; the states stay in the object store
         ray.wait([server, *clients], num_returns=1 + len(clients), fetch_local=False)
-        self.checkpoint = Checkpoint(t, self.server_after, self.global_ref, server, clients)
+        self.checkpoint = Checkpoint(t, self.server_after, self.global_ref, server, clients,
+                                     copy.deepcopy(self.schedule))  # fmt: skip
 
     def _recover(self, t: int) -> None:
         """Every role back to the checkpoint (Ray has restarted the dead actor or is doing so),
@@ -375,6 +453,7 @@ class RayRuntime:
         for actor, state in zip(self.client_actors, ckpt.clients, strict=True):
             _when_up(lambda a=actor, s=state: ray.get(a.load_state.remote(s)))
         self.global_ref = ckpt.global_weights
+        self.schedule = copy.deepcopy(ckpt.schedule)  # the rounds since plan their events again
         for s in range(ckpt.t + 1, t):
             self._finish(self._submit(s))
 

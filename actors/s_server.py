@@ -17,7 +17,8 @@ waits at most one `eval_batch_size` batch).
 Batching policies:
   * ``exact``: requests one at a time, all of the lowest-id client still running before any
     other client's, each client's in its own order — the order of the in-process runtime, so
-    metrics are identical to it.
+    metrics are identical to it. For gas the opening lists the turns instead: whose request
+    comes next in the simulated-time schedule.
   * ``coalesce``: up to `max_batch` ready requests of the same kind that arrive within
     `max_wait_ms` are concatenated into one forward/backward and ONE optimizer step; each client
     gets back the gradient of its own mean loss, all at the pre-step weights. A documented
@@ -167,6 +168,8 @@ class SServer:
         self.device = resolve_device(self.cfg)
         cap_cuda_memory(self.device, gpu_fraction)
         self.server = algo.new_server(self.device)
+        if self.server is not None:  # shared once (gas's logit adjustment)
+            self.server.set_label_counts(data.label_counts)
         self.info = data.info
         self.test_x, self.test_y = data.test_set()
         self.batching, self.max_batch, self.max_wait = batching, max_batch, max_wait_ms / 1000
@@ -217,6 +220,7 @@ class SServer:
         after: int = 0,
         previous_global: dict[str, State] | None = None,
         handover: dict[str, State] | None = None,
+        turns: list[int] | None = None,
     ) -> tuple[float, float] | None:
         """Opens round attempt `epoch`, which starts from the state attempt `after` ended with
         (0: the initial state, or a checkpoint's); `cids` is the order `exact` serves clients
@@ -226,8 +230,9 @@ class SServer:
         snapshots the server for that and goes on at once; the evaluation fills the time this
         actor waits for requests. A server that does not hold that state (restarted) fails the
         attempt with StateLost. `handover`: the global weights the role starts from
-        (`Server.start_from`, after a warm start)."""
-        args = (t, epoch, list(cids), after, previous_global, handover)
+        (`Server.start_from`, after a warm start). `turns`: for an asynchronous algorithm (gas),
+        the client of each request in the order `exact` serves them (one request a turn)."""
+        args = (t, epoch, list(cids), after, previous_global, handover, turns)
         evaluation = await self._ask(Request("begin", args=args))
         return None if evaluation is None else await evaluation
 
@@ -361,9 +366,14 @@ class SServer:
                 self._abort(f"S-Server worker failed: {e!r}")
 
     # -- round state ---------------------------------------------------------------------------
-    def _reset_round(self, epoch: int, cids: list[int] | None = None) -> None:
+    def _reset_round(
+        self, epoch: int, cids: list[int] | None = None, turns: list[int] | None = None
+    ) -> None:
         self.epoch, self.order = epoch, cids or []
-        self.pos = 0  # exact: index in `order` of the client being served
+        # exact: whose request is served next — each client in `order` until it is done, or,
+        # given `turns`, the turns' clients one request each
+        self.turns = turns
+        self.pos = 0  # exact: index in `order` (or `turns`) of the client being served
         self.pending: dict[int, dict[int, Request]] = {c: {} for c in self.order}
         self.next_seq = dict.fromkeys(self.order, 0)
         self.done: set[int] = set()
@@ -393,6 +403,17 @@ class SServer:
 
     def _pop(self, kind: str | None) -> Request | None:
         """The next request to serve (of `kind`, if given), or None if it has not arrived."""
+        if self.batching == "exact" and self.turns is not None:
+            if self.pos == len(self.turns):  # every turn served: only "done" markers are left
+                for cid in self.order:
+                    self._head(cid)
+                return None
+            req = self._head(self.turns[self.pos])
+            if req is None or (kind is not None and req.kind != kind):
+                return None
+            self._consume(req)
+            self.pos += 1
+            return req
         if self.batching == "exact":
             while self.pos < len(self.order):
                 cid = self.order[self.pos]
@@ -461,7 +482,7 @@ class SServer:
 
     async def _control(self, req: Request) -> Any:
         if req.kind == "begin":
-            t, epoch, cids, after, previous_global, handover = req.args
+            t, epoch, cids, after, previous_global, handover, turns = req.args
             if self.crash_at_opening == t:
                 os._exit(1)  # fault injection for the recovery test: the process dies here
             if after != self.state_after:  # this attempt's requests fail, now and when they come
@@ -473,8 +494,10 @@ class SServer:
                 evaluation = self._begin_evaluation(previous_global)
             if handover is not None:  # the warm start's aggregate, as round 1 opens
                 self.server.start_from(handover)
+            if self.server is not None:
+                self.server.begin_round(t)
             self._abort(f"round attempt {epoch} began")
-            self._reset_round(epoch, cids)
+            self._reset_round(epoch, cids, turns)
             await self._refile_early()
             await self._refile_deferred()
             return evaluation

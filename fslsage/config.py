@@ -64,7 +64,7 @@ class Config:
     gradient_store: Literal["object_store", "files"] = "object_store"
     gradient_store_path: str = ""  # files: a directory every node sees; "": a temporary one
     warm_start: bool = False  # aux algorithms: round 0 is one round of cse_fsl
-    # gas (asynchronous; runtime local): a round is one global iteration
+    # gas (asynchronous): a round is one global iteration
     local_iters: int = 20  # a client's steps before it uploads its model
     model_buffer: int = 10  # uploaded models averaged into one global iteration
     activation_buffer: int = 10  # batches the S-Server collects before its step
@@ -189,12 +189,6 @@ def _check_range(cfg: Config) -> None:
         raise ConfigError(
             "active_clients",
             f"at most num_clients={cfg.num_clients} can train at once, got {cfg.active_clients}",
-        )
-    if cfg.algorithm == "gas" and cfg.runtime != "local":
-        raise ConfigError(
-            "runtime",
-            "gas runs on the local runtime: its event loop advances one client at a time in "
-            "simulated time, so Ray actors would add hops and no parallelism",
         )
     if not cfg.name or "/" in cfg.name:
         raise ConfigError("name", f"must be a non-empty name without '/', got {cfg.name!r}")

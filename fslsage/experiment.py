@@ -4,12 +4,11 @@
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import pandas as pd
@@ -26,12 +25,22 @@ from fslsage.algorithms.base import (
     loss_fn,
 )
 from fslsage.config import Config
-from fslsage.data import ClientShard, label_histogram, load_dataset, partition, prepare_inputs
+from fslsage.data import (
+    BatchStream,
+    ClientShard,
+    label_histogram,
+    load_dataset,
+    partition,
+    prepare_inputs,
+)
 from fslsage.data.base import CLASSIFICATION, Dataset, DatasetInfo
 from fslsage.dryrun import planned_clock
 from fslsage.ledger import Ledger
 from fslsage.results import write_parquet_atomic
 from fslsage.transport import local_send, run_client_round
+
+if TYPE_CHECKING:
+    from fslsage.algorithms.gas import AsyncSchedule
 
 METRIC_COLUMNS = [
     "round", "test_acc", "test_loss", "train_loss", "comm_gib", "up_gib", "down_gib",
@@ -145,6 +154,13 @@ class Runtime(Protocol):
     def close(self) -> None: ...
 
 
+def async_schedule(cfg: Config, client_samples: list[int]) -> AsyncSchedule:
+    """gas's simulated-time schedule of a run: the profiles' event times (`event_seconds`)."""
+    from fslsage.algorithms.gas import AsyncSchedule, event_seconds
+
+    return AsyncSchedule(cfg, client_samples, event_seconds(planned_clock(cfg)))
+
+
 class LocalRuntime:
     """Everything in this process, clients one after another in client-id order: the reference
     semantics and the overhead baseline for the Ray runtime."""
@@ -158,6 +174,8 @@ class LocalRuntime:
             algo.new_client(cid, len(s), self.device) for cid, s in enumerate(self.shards)
         ]
         self.server = algo.new_server(self.device)
+        if self.server is not None:  # the label histograms, shared once (gas's logit adjustment)
+            self.server.set_label_counts(prepared.histogram)
         self.send = local_send(self.server)
         self.global_weights: dict[str, State] = {
             p: {k: v.to(self.device) for k, v in s.items()}
@@ -167,22 +185,19 @@ class LocalRuntime:
             self._start_schedule()
 
     def _start_schedule(self) -> None:
-        """gas: the simulated-time schedule, each client's endless minibatch stream, and the
-        label histograms the clients share with the S-Server once (its logit adjustment)."""
-        from fslsage.algorithms.gas import AsyncSchedule, event_seconds
-
-        clock = planned_clock(self.cfg)
-        self.schedule = AsyncSchedule(self.cfg, [len(s) for s in self.shards], event_seconds(clock))
+        """gas: the simulated-time schedule and each client's endless minibatch stream."""
+        self.schedule = async_schedule(self.cfg, [len(s) for s in self.shards])
         self.streams = [
-            shard.batches(self.cfg.batch_size, sys.maxsize, client.generator)
+            BatchStream(shard, self.cfg.batch_size, client.generator)
             for client, shard in zip(self.clients, self.shards, strict=True)
         ]
-        self.server.set_label_counts(self.prepared.histogram)
 
     def start_round(self, t: int) -> None:
         """Nothing to overlap in one process: round t runs in `run_round`."""
 
     def run_round(self, t: int) -> RoundOutcome:
+        if self.server is not None:
+            self.server.begin_round(t)
         if self.algo.asynchronous:
             return self._run_global_iteration(t)
         if self.algo.hands_over(t):
@@ -201,7 +216,7 @@ class LocalRuntime:
         ledger, started = Ledger(), self.schedule.now
         self.global_weights, loss = self.algo.global_iteration(
             t, self.schedule.global_iteration(), self.clients, self.streams, self.global_weights,
-            self.server, self.send, ledger,
+            self.send, ledger,
         )  # fmt: skip
         return RoundOutcome(float(loss), ledger.entries(), self.server.end_round(t),
                             sim_seconds=self.schedule.now - started)  # fmt: skip

@@ -18,6 +18,7 @@ from fslsage.data import (
     DATASETS,
     LANGUAGE_MODELING,
     PARTITIONS,
+    BatchStream,
     ClientShard,
     DataError,
     DatasetInfo,
@@ -488,6 +489,32 @@ def test_crop_flip_is_a_shifted_or_flipped_copy_and_reproducible():
     # no augmentation when asked (e.g. for a probe pass), and none at evaluation
     plain = next(shard.batches(12, 1, torch.Generator().manual_seed(0), augment=False))
     torch.testing.assert_close(plain[0], x[plain[1]].float() / 255)
+
+
+def test_batch_stream_goes_on_like_batches_and_resumes_from_its_position():
+    """GAS's endless stream yields what `batches` yields (crops included), and a stream rebuilt
+    from a pickled client generator and its position goes on with the same batches."""
+    info = DatasetInfo(
+        "c", "classification", 10, (3, 6, 6), 10, 0, (0.0,) * 3, (1.0,) * 3, "crop_flip"
+    )
+    x = torch.from_numpy(RNG.integers(0, 256, (10, 3, 6, 6), dtype=np.uint8))
+    shard = ClientShard(x, torch.arange(10), info)
+    expected = list(shard.batches(4, 3, torch.Generator().manual_seed(5)))  # 3 a epoch
+    stream = BatchStream(shard, 4, torch.Generator().manual_seed(5))
+    got = [next(stream) for _ in range(4)]  # into the second epoch
+    saved = pickle.dumps((stream.generator, stream.position()))
+    got += [next(stream) for _ in range(5)]
+    generator, position = pickle.loads(saved)
+    resumed = BatchStream(shard, 4, generator)
+    resumed.seek(position)
+    again = [next(resumed) for _ in range(5)]
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    for a, b in zip(again, got[4:], strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    fresh = BatchStream(shard, 4, torch.Generator().manual_seed(5))
+    fresh.seek(BatchStream(shard, 4, torch.Generator()).position())  # not begun: a new epoch
+    assert torch.equal(next(fresh)[1], expected[0][1])
 
 
 def test_tokens_pass_through():

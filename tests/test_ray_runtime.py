@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -57,6 +58,24 @@ def run_ray(cfg, out: Path, before=None) -> tuple[pd.DataFrame, dict]:
     return pd.read_parquet(out / "metrics.parquet"), info
 
 
+def run_ray_through_client_crash(
+    ray, cfg, out: Path, actor_index: int, t: int, choose: Callable[[list[int]], int]
+) -> pd.DataFrame:
+    """Runs `cfg` on Ray with client actor `actor_index` armed to die as it is about to run
+    client `choose(its owned clients)` in round t; checks that Ray restarted it in a new process
+    and returns the run's metrics."""
+    runtime = RayRuntime(prepare(cfg))
+    actor = runtime.client_actors[actor_index]
+    try:
+        pid = ray.get(actor.where.remote())["pid"]
+        ray.get(actor.arm_crash.remote(t, choose(runtime.owned[actor_index])))
+        run_experiment(cfg, runtime, out_dir=out, progress=None)
+        assert ray.get(actor.where.remote())["pid"] != pid  # it died and Ray restarted it
+    finally:
+        runtime.close()
+    return pd.read_parquet(out / "metrics.parquet")
+
+
 def assert_same_metrics(a: pd.DataFrame, b: pd.DataFrame) -> None:
     assert a["round"].tolist() == b["round"].tolist()
     for col in METRICS:
@@ -83,23 +102,8 @@ def test_exact_batching_reproduces_the_local_runtime(ray_session, tmp_path, algo
 
 def test_killed_client_actor_restarts_from_the_checkpoint(ray_session, tmp_path):
     cfg = demo_config(algorithm="splitfed_v2", rounds=3, checkpoint_every=2)
-    ray = ray_session
-
-    def crash_in_round_2(runtime: RayRuntime) -> dict:
-        actor = runtime.client_actors[0]
-        cid = runtime.owned[0][1]  # the actor's second client: it dies mid-round
-        ray.get(actor.arm_crash.remote(2, cid))
-        return {"actor": actor, "pid": ray.get(actor.where.remote())["pid"]}
-
-    runtime = RayRuntime(prepare(cfg))
-    try:
-        before = crash_in_round_2(runtime)
-        run_experiment(cfg, runtime, out_dir=tmp_path / "ray", progress=None)
-        after = ray.get(before["actor"].where.remote())["pid"]
-    finally:
-        runtime.close()
-    assert after != before["pid"]  # Ray restarted the actor in a new process
-    ray_df = pd.read_parquet(tmp_path / "ray" / "metrics.parquet")
+    # the first actor's second client: the actor dies mid-round 2
+    ray_df = run_ray_through_client_crash(ray_session, cfg, tmp_path / "ray", 0, 2, lambda o: o[1])
     assert ray_df["round"].tolist() == [1, 2, 3]
     # restored from round 0's checkpoint and round 1 re-run: nothing lost, nothing doubled
     assert_same_metrics(run_local(cfg, tmp_path / "local"), ray_df)
@@ -112,18 +116,7 @@ def test_warm_start_on_ray_survives_a_crash_in_the_round_after_it(ray_session, t
     once."""
     cfg = demo_config(algorithm="fsl_sage", warm_start=True, rounds=2, align_interval=2,
                       checkpoint_every=1)  # fmt: skip
-    ray = ray_session
-
-    runtime = RayRuntime(prepare(cfg))
-    actor = runtime.client_actors[1]
-    try:
-        pid = ray.get(actor.where.remote())["pid"]
-        ray.get(actor.arm_crash.remote(1, runtime.owned[1][0]))
-        run_experiment(cfg, runtime, out_dir=tmp_path / "ray", progress=None)
-        assert ray.get(actor.where.remote())["pid"] != pid  # it died and Ray restarted it
-    finally:
-        runtime.close()
-    ray_df = pd.read_parquet(tmp_path / "ray" / "metrics.parquet")
+    ray_df = run_ray_through_client_crash(ray_session, cfg, tmp_path / "ray", 1, 1, lambda o: o[0])
     assert ray_df["round"].tolist() == [0, 1, 2]
     assert_same_metrics(run_local(cfg, tmp_path / "local"), ray_df)
 

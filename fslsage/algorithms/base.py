@@ -26,6 +26,8 @@ from fslsage.models import communicated_state
 from fslsage.models.base import SplitModel
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from fslsage.config import Config
 
 State = dict[str, Tensor]
@@ -155,6 +157,13 @@ class Server:
 
     def on_align(self, cid: int) -> State:
         raise NotImplementedError(f"{type(self).__name__} has no auxiliary models")
+
+    def set_label_counts(self, counts: np.ndarray) -> None:
+        """The clients' label histograms (clients × classes), shared once as the run starts;
+        only gas's logit adjustment uses them."""
+
+    def begin_round(self, t: int) -> None:
+        """Round t opens, before any of its requests (gas decays its learning rate here)."""
 
     def end_round(self, t: int) -> dict[str, float]:
         """Round-end work inside the S-Server; returns the round's server metrics (then reset)."""

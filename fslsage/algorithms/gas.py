@@ -15,8 +15,10 @@ advances the client whose clock is smallest. One global iteration (a round here)
                           global client model: the global iteration ends
 Optional: server learning rate η₀/√t in global iteration t (`server_lr_decay`).
 
-The event loop is sequential in simulated time, so gas runs in-process (`runtime: local`); the
-dry-run plans the same schedule (`AsyncSchedule`), its ledger and its simulated time.
+The schedule depends only on the profiles and shard sizes, so it is planned ahead: the dry-run
+plans the same events (`AsyncSchedule`), their ledger and their simulated time, and on Ray the
+F-Server hands each client actor its clients' events while the S-Server (`server_batching:
+exact`) answers the steps in the schedule's order, as the in-process event loop does.
 """
 
 from __future__ import annotations
@@ -109,7 +111,7 @@ class GenerativeServer(Server):
 
     def set_label_counts(self, counts: np.ndarray) -> None:
         """Each client's label histogram, shared once at the start: its prior p_i(y)."""
-        counts = torch.as_tensor(counts, dtype=torch.float32, device=self.log_prior.device)
+        counts = torch.tensor(counts, dtype=torch.float32, device=self.log_prior.device)
         self.log_prior = (counts / counts.sum(1, keepdim=True)).clamp(min=1e-8).log()
 
     def on_exchange(self, cid, z, y):
@@ -141,6 +143,10 @@ class GenerativeServer(Server):
         self.opt.step()
         self.log("server_loss", loss.detach())
         self.log("generated", sum(len(g) for g in made_y[1:]))
+
+    def begin_round(self, t: int) -> None:
+        if self.cfg.server_lr_decay:
+            self.decay_lr(t)
 
     def decay_lr(self, t: int) -> None:
         for group in self.opt.param_groups:
@@ -245,32 +251,48 @@ class GAS(Algorithm):
         clients: list[Client],
         streams: list[Iterator[tuple[Tensor, Tensor]]],
         global_weights: dict[str, State],
-        server: GenerativeServer,
         send: Send,
         ledger: Ledger,
     ) -> tuple[dict[str, State], Tensor]:
-        """Run one global iteration's events; returns the new global weights and the mean
-        training loss of its steps. `streams[i]` is client i's endless minibatch stream."""
-        if self.cfg.server_lr_decay:
-            server.decay_lr(t)
+        """Run one global iteration's events (the S-Server has begun round t); returns the new
+        global weights and the mean training loss of its steps. `streams[i]` is client i's
+        endless minibatch stream."""
         model_buffer: list[ClientReport] = []
         losses = []
         for event, cid, _batch in events:
-            client = clients[cid]
-            net = client.parts["client_model"]
-            if event == "start":  # the latest global model comes down
-                net.load_state_dict(global_weights["client_model"], strict=False)
-                ledger.record(t, cid, "client_model", "down",
-                              state_bytes(global_weights["client_model"]))  # fmt: skip
-            elif event == "step":
-                x, y = next(streams[cid])
-                losses.append(self.client_step(client, x, y, RecordingLink(cid, t, ledger, send)))
-            else:  # finish: the model goes up into the model buffer
-                state = clone_state(communicated_state(net))
-                ledger.record(t, cid, "client_model", "up", state_bytes(state))
-                model_buffer.append(ClientReport(cid, client.num_samples,
-                                                 {"client_model": state}, 0.0))  # fmt: skip
+            link = RecordingLink(cid, t, ledger, send)
+            out = self.on_event(t, event, clients[cid], streams[cid], global_weights, link, ledger)
+            if isinstance(out, ClientReport):
+                model_buffer.append(out)
+            elif out is not None:
+                losses.append(out)
         return self.aggregate(model_buffer), torch.stack(losses).mean()
+
+    def on_event(
+        self,
+        t: int,
+        event: str,
+        client: Client,
+        stream: Iterator[tuple[Tensor, Tensor]],
+        global_weights: dict[str, State],
+        server: ServerLink,
+        ledger: Ledger,
+    ) -> Tensor | ClientReport | None:
+        """One schedule event of `client`: "start" loads the global model (None), "step" takes
+        one local step (its loss), "finish" hands its model to the model buffer (its report).
+        Client actors on Ray run their clients' events with this too."""
+        net = client.parts["client_model"]
+        if event == "start":  # the latest global model comes down
+            net.load_state_dict(global_weights["client_model"], strict=False)
+            ledger.record(t, client.cid, "client_model", "down",
+                          state_bytes(global_weights["client_model"]))  # fmt: skip
+            return None
+        if event == "step":
+            x, y = next(stream)
+            return self.client_step(client, x, y, server)
+        state = clone_state(communicated_state(net))  # finish: the model goes up
+        ledger.record(t, client.cid, "client_model", "up", state_bytes(state))
+        return ClientReport(client.cid, client.num_samples, {"client_model": state}, 0.0)
 
     def train_round(self, client: Client, batches: Batches, server: ServerLink, t: int):
         raise TypeError("gas runs global iterations (global_iteration), not synchronous rounds")

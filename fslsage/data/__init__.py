@@ -20,6 +20,7 @@ from fslsage.data.base import (
 from fslsage.data.partition import client_sizes, label_histogram, partition
 from fslsage.data.registries import DATASETS, PARTITIONS
 from fslsage.data.shard import (
+    BatchStream,
     ClientShard,
     local_batch_sizes,
     num_batches,
@@ -32,6 +33,7 @@ __all__ = [
     "DATASETS",
     "LANGUAGE_MODELING",
     "PARTITIONS",
+    "BatchStream",
     "ClientShard",
     "client_sizes",
     "DataError",

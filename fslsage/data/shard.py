@@ -96,16 +96,54 @@ class ClientShard:
         """(inputs, labels) minibatches, reshuffled every epoch with `generator`; the last
         partial batch is kept. Inputs are prepared (normalised, augmented when the dataset asks
         for "crop_flip" and `augment` is true)."""
-        n = len(self)
-        steps = num_batches(n, batch_size)
-        crop = augment and self._image and self.info.augment == "crop_flip"
+        steps = num_batches(len(self), batch_size)
         for _ in range(epochs):
-            perm = torch.randperm(n, generator=generator, device=generator.device).to(self.device)
+            perm = self.permutation(generator)
             for s in range(steps):
-                idx = perm[s * batch_size : (s + 1) * batch_size]
-                xb = self.x[idx]
-                if crop:
-                    xb = random_crop_flip(xb, generator)
-                if self._image:
-                    xb = (xb.float() / 255.0 - self._mean) / self._std
-                yield xb, self.y[idx]
+                yield self.batch(perm[s * batch_size : (s + 1) * batch_size], generator, augment)
+
+    def permutation(self, generator: torch.Generator) -> torch.Tensor:
+        """An epoch's sample order, drawn from `generator`."""
+        n = len(self)
+        return torch.randperm(n, generator=generator, device=generator.device).to(self.device)
+
+    def batch(
+        self, idx: torch.Tensor, generator: torch.Generator, augment: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The samples `idx`, prepared as `batches` yields them."""
+        xb = self.x[idx]
+        if augment and self._image and self.info.augment == "crop_flip":
+            xb = random_crop_flip(xb, generator)
+        if self._image:
+            xb = (xb.float() / 255.0 - self._mean) / self._std
+        return xb, self.y[idx]
+
+
+class BatchStream:
+    """`ClientShard.batches` without end (a GAS client steps until its schedule stops it), whose
+    position is plain state — the epoch's permutation and the next step — so a checkpoint can
+    hold it and a restored client goes on with the batch it would have drawn (a generator
+    cannot be pickled). The random numbers come from `generator`, the client's own."""
+
+    def __init__(self, shard: ClientShard, batch_size: int, generator: torch.Generator):
+        self.shard, self.batch_size, self.generator = shard, batch_size, generator
+        self.steps = num_batches(len(shard), batch_size)
+        self.perm: torch.Tensor | None = None  # None: the next batch opens an epoch
+        self.step = 0
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.perm is None or self.step == self.steps:
+            self.perm, self.step = self.shard.permutation(self.generator), 0
+        s, self.step = self.step, self.step + 1
+        idx = self.perm[s * self.batch_size : (s + 1) * self.batch_size]
+        return self.shard.batch(idx, self.generator)
+
+    def position(self) -> tuple[torch.Tensor | None, int]:
+        return (None if self.perm is None else self.perm.cpu()), self.step
+
+    def seek(self, position: tuple[torch.Tensor | None, int]) -> None:
+        perm, self.step = position
+        self.perm = None if perm is None else perm.to(self.shard.device)
