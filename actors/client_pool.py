@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections import Counter
+import threading
 from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any
 
 import ray
@@ -67,8 +68,10 @@ class ClientActor:
         }
         self.crash_at: tuple[int, int] | None = None
         self.held_done: list[tuple[int, int]] = []  # (cid, seq) of "done" markers not sent yet
-        self.channel: ClientChannel | None = None  # same-node channel, if the S-Server offers one
+        self.channel_path: str | None = None  # the same-node channel, if the S-Server offers one
+        self.connections = threading.local()  # each thread's connection to it
         self.channel_known = not channel  # asked the S-Server for it (once, or after a break)
+        self.pool: ThreadPoolExecutor | None = None  # gas: a thread per client
         self.stateless = algo.cfg.server_mode == "stateless"
         self.replicas: list[Any] = []  # stateless: where exchanges go (asked every round)
         self.streams: dict[int, BatchStream] = {}  # gas: each client's endless minibatches
@@ -113,34 +116,63 @@ class ClientActor:
     ) -> tuple[Any, ...]:
         """gas: global iteration t's schedule events of this actor's clients, (event index,
         kind, client id) in schedule order (`GAS.on_event`); the S-Server answers the steps in
-        the whole schedule's order. Returns 1 + (number of "finish" events) values: the summary
-        (each step's (event index, loss), the ledger, the finished clients' reports without
-        weights, in order), then each finished client's weights as its own object."""
+        the whole schedule's order. Each client plays its own events in a thread of its own, so
+        while one waits for its answer the next client's forward pass already runs and its
+        request waits at the S-Server for its turn (a client draws its random numbers from its
+        own generator and shares no module with another, so the threads change no result).
+        Returns 1 + (number of "finish" events) values: the summary (each step's (event index,
+        loss), the ledger, the finished clients' reports without weights, in schedule order),
+        then each finished client's weights as its own object."""
         self._prepare_round()
-        ledger = Ledger()
-        steps = Counter(cid for _, kind, cid in events if kind == "step")
-        links = {  # one a client: its last request carries its "done" marker
-            cid: RecordingLink(cid, t, ledger, self._link(epoch, cid)[0], expected=n)
-            for cid, n in steps.items()
-        }
-        losses: list[tuple[int, float]] = []
-        reports: list[ClientReport] = []
-        states: list[dict[str, State]] = []
+        own: dict[int, list[tuple[int, str]]] = {}  # each client's events, in order
         for index, kind, cid in events:
-            if self.crash_at == (t, cid):
-                os._exit(1)  # fault injection for the recovery test: the process dies here
-            out = self.algo.on_event(t, kind, self.clients[cid], self.streams.get(cid), weights,
-                                     links.get(cid), ledger)  # fmt: skip
-            if isinstance(out, ClientReport):
-                states.append(_cpu(out.weights))
-                out.weights = {}
-                reports.append(out)
-            elif out is not None:
-                losses.append((index, float(out)))
-        for link in links.values():
-            link.close()
+            own.setdefault(cid, []).append((index, kind))
+        if self.pool is None:  # a thread per owned client: none waits for a free one
+            self.pool = ThreadPoolExecutor(len(self.clients), thread_name_prefix="client")
+        played = [self.pool.submit(self._play, t, epoch, weights, cid, client_events)
+                  for cid, client_events in own.items()]  # fmt: skip
+        done, _ = wait(played, return_when=FIRST_EXCEPTION)
+        for future in done:  # a failure is raised now: the others wait for turns it would take
+            future.result()
+        results = [future.result() for future in played]
+        ledger = Ledger()
+        for _, client_ledger in results:
+            ledger.merge(client_ledger)
+        outcomes = sorted(out for client_outcomes, _ in results for out in client_outcomes)
+        losses = [(index, out) for index, out in outcomes if isinstance(out, float)]
+        reports = [out for _, out in outcomes if isinstance(out, ClientReport)]
+        states = [_cpu(report.weights) for report in reports]
+        for report in reports:
+            report.weights = {}
         summary = {"losses": losses, "ledger": ledger.entries(), "reports": reports}
         return (summary, *states) if states else summary  # one return value goes as it is
+
+    def _play(
+        self,
+        t: int,
+        epoch: int,
+        weights: dict[str, State],
+        cid: int,
+        events: list[tuple[int, str]],
+    ) -> tuple[list[tuple[int, float | ClientReport]], Ledger]:
+        """Client cid's events of a global iteration, in order. Returns (event index, step loss
+        or finished report) of those that give one, and the client's ledger. Its last request
+        carries its "done" marker."""
+        # taken once: a thread of an abandoned call that is still finishing its event never
+        # touches the client or stream a restore (`load_state`) puts in their place
+        client, stream = self.clients[cid], self.streams.get(cid)
+        ledger = Ledger()
+        steps = sum(kind == "step" for _, kind in events)
+        link = RecordingLink(cid, t, ledger, self._link(epoch, cid)[0], expected=steps)
+        outcomes: list[tuple[int, float | ClientReport]] = []
+        for index, kind in events:
+            if self.crash_at == (t, cid):
+                os._exit(1)  # fault injection for the recovery test: the process dies here
+            out = self.algo.on_event(t, kind, client, stream, weights, link, ledger)
+            if out is not None:
+                outcomes.append((index, out if isinstance(out, ClientReport) else float(out)))
+        link.close()
+        return outcomes, ledger
 
     def _prepare_round(self) -> None:
         """The same-node channel (asked once, or after it broke) and, stateless, the replicas
@@ -199,12 +231,14 @@ class ClientActor:
                 self._submit(epoch, done_cid, done_seq, "done", (), rest)
             return answer
         answered = kind in ANSWERED
-        if self.channel is not None:
+        channel = self._channel()
+        if channel is not None:
             try:
-                return self.channel.request((epoch, cid, seq, kind, args, done), answered)
+                return channel.request((epoch, cid, seq, kind, args, done), answered)
             except ChannelBroken:
-                self.channel.close()
-                self.channel, self.channel_known = None, False  # asked again next round
+                channel.close()
+                self.connections.current = None
+                self.channel_path, self.channel_known = None, False  # asked again next round
         ref = self.server.submit.remote(epoch, cid, seq, kind, *args, done=done)
         return ray.get(ref) if answered else None
 
@@ -225,11 +259,30 @@ class ClientActor:
     def _open_channel(self) -> None:
         node, path = ray.get(self.server.channel.remote())
         self.channel_known = True
-        if path is not None and node == ray.get_runtime_context().get_node_id():
-            try:
-                self.channel = ClientChannel(path)
-            except ChannelBroken:  # e.g. the S-Server restarted since it answered: Ray calls
-                self.channel = None
+        same_node = path is not None and node == ray.get_runtime_context().get_node_id()
+        self.channel_path = path if same_node else None
+        self._channel()  # this thread's connection, at once
+
+    def _channel(self) -> ClientChannel | None:
+        """This thread's connection to the same-node channel, or None. A connection carries the
+        answers of its own requests, in the order the S-Server gives them, so each client thread
+        of a gas iteration has its own; one to an older address (a restarted S-Server) is
+        replaced."""
+        if self.channel_path is None:
+            return None
+        current = getattr(self.connections, "current", None)
+        if current is not None and current[0] == self.channel_path:
+            return current[1]
+        if current is not None:
+            current[1].close()
+        try:
+            channel = ClientChannel(self.channel_path)
+        except ChannelBroken:  # e.g. the S-Server restarted since it answered: Ray calls
+            self.connections.current = None
+            self.channel_path = None
+            return None
+        self.connections.current = (self.channel_path, channel)
+        return channel
 
     def state(self) -> bytes:
         """Every owned client (modules, optimizer state, RNG, and for gas where its minibatch
@@ -248,7 +301,7 @@ class ClientActor:
 
     def where(self) -> dict[str, Any]:
         """`assigned_resources()`, and whether requests go through the same-node channel."""
-        return {**assigned_resources(), "channel": self.channel is not None}
+        return {**assigned_resources(), "channel": self.channel_path is not None}
 
 
 def _cpu(weights: dict[str, State]) -> dict[str, State]:

@@ -1,5 +1,6 @@
 """Ray runtime overhead: fsl_sage on the demo config in-process (LocalRuntime) and on Ray with
-one client actor per core, same rounds and same work (exact batching: same metrics).
+one client actor per core, same rounds and same work (exact batching: same metrics); another
+algorithm with `--set algorithm=...` (gas included).
 
 The runtimes take their rounds in turn, in chunks — rounds 1–2 on Ray, then rounds 1–2
 in-process, then rounds 3–7 on Ray … — so the load of a shared host falls on both alike, and each
@@ -8,12 +9,12 @@ pair of runs gives one paired ratio. Within a chunk the rounds run as the F-Serv
 submits round t + 1 before round t ends and overlaps round t's evaluation with it; a chunk's
 last round has no successor (its horizon: 3 of the 14 overlaps of a 15-round run are lost, the
 figure errs against Ray).
-Throughput is training samples of all clients per round, times rounds, over the
-summed round times; Ray's start-up (actor processes, data into the object store) is reported
-apart. The in-process runtime runs with torch's default thread count and with one thread (on a
-busy 2-core machine two OpenMP threads can slow it down many times over), each paired with its
-own Ray run; the last line is the median paired ratio against the faster of the two:
-`ray/local throughput ratio: X`.
+Throughput is training samples of all clients per round (for gas: of its schedule's steps),
+times rounds, over the summed round times; Ray's start-up (actor processes, data into the object
+store) is reported apart. The in-process runtime runs with torch's default thread count and
+with one thread (on a busy 2-core machine two OpenMP threads can slow it down many times over),
+each paired with its own Ray run; the last line is the median paired ratio against the faster
+of the two: `ray/local throughput ratio: X`.
 
 The first chunk is the warm-up (`--warmup`, default 2 rounds: the first training round and the
 first alignment of the demo's l = 2). Every process pays for its first kernels and allocations
@@ -38,7 +39,7 @@ import torch
 
 from actors.runtime import RayRuntime
 from fslsage.config import load_config
-from fslsage.experiment import LocalRuntime, prepare
+from fslsage.experiment import LocalRuntime, async_schedule, prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,7 +66,7 @@ def main() -> None:
     cfg = load_config(os.path.join(ROOT, "configs", "demo.yaml"),
                       ["algorithm=fsl_sage", f"rounds={args.rounds}", *args.overrides])  # fmt: skip
     turns = chunks(cfg.rounds, args.warmup, args.chunk)
-    per_round = sum(len(i) for i in prepare(cfg).client_indices) * cfg.local_epochs
+    samples = trained_samples(cfg)
     cores = os.cpu_count() or 1
     # a Ray instance of its own, sized to this machine, even where a cluster is up: the figure
     # is this machine's
@@ -107,7 +108,6 @@ def main() -> None:
               f"paired ratios {times(every[n])}")  # fmt: skip
     best_local = min(sum(turns) for v in local_s.values() for turns in v)
     best_ray = min(sum(turns) for v in ray_s.values() for turns in v)
-    samples = per_round * cfg.rounds
     print(f"local: {samples / best_local:9.0f} samples/s at best; ray: "
           f"{samples / best_ray:9.0f} samples/s at best ({actors} client actors; start-up "
           f"{times(startup_s)} s not counted; S-Server batches {batches})")  # fmt: skip
@@ -118,6 +118,18 @@ def main() -> None:
         print(f"steady state (rounds {turns[1][0]}–{cfg.rounds}, after the warm-up): paired "
               f"ratios {paired}; ray/local {steady_figure:.2f}")  # fmt: skip
     print(f"ray/local throughput ratio: {figure:.2f}")
+
+
+def trained_samples(cfg) -> int:
+    """The training samples of a whole run: every client's shard each local epoch, or for gas
+    the batches of the steps its schedule plans (they depend on no training)."""
+    prepared = prepare(cfg)
+    sizes = [len(i) for i in prepared.client_indices]
+    if not prepared.algorithm.asynchronous:
+        return sum(sizes) * cfg.local_epochs * cfg.rounds
+    schedule = async_schedule(cfg, sizes)
+    return sum(batch for _ in range(cfg.rounds) for kind, _, batch in schedule.global_iteration()
+               if kind == "step")  # fmt: skip
 
 
 def chunks(rounds: int, warmup: int, chunk: int) -> list[range]:

@@ -4,12 +4,17 @@ runtimes."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
 from helpers import demo_config
 from test_ray_runtime import assert_same_metrics, run_local, run_ray, run_ray_through_client_crash
 
+from actors.client_pool import ClientActor
+from actors.common import DataBundle, pack
 from fslsage.algorithms.base import loss_fn
 from fslsage.algorithms.gas import ActivationStats, AsyncSchedule, GenerativeServer
 from fslsage.config import ConfigError, validate
@@ -237,3 +242,65 @@ def test_gas_on_ray_with_coalesce_serves_in_arrival_order(ray_session, tmp_path)
     assert ray_df.comm_gib.tolist() == pytest.approx(local.comm_gib.tolist())
     assert ray_df.sim_time_s.tolist() == pytest.approx(local.sim_time_s.tolist())
     assert (ray_df.test_acc > 0.5).all(), ray_df.to_string()
+
+
+class PairedExchanges:
+    """Stands in for the S-Server's actor handle (`submit.remote`) for two clients: an exchange
+    is answered (a zero gradient, as an object reference like Ray's) only once the other client
+    has sent its own, so a client actor that waited for one client's answer before the other
+    client's forward pass would never get one. `fail_cid`'s first exchange raises instead."""
+
+    def __init__(self, ray, fail_cid: int | None = None):
+        self.ray, self.fail_cid = ray, fail_cid
+        self.meet = threading.Barrier(2, timeout=20)
+        self.arrivals: list[int] = []
+        self.submit = self
+
+    def remote(self, epoch, cid, seq, kind, *args, done=()):
+        if kind != "exchange":
+            return None
+        self.arrivals.append(cid)
+        if cid == self.fail_cid:
+            raise RuntimeError(f"client {cid}'s exchange failed")
+        self.meet.wait()  # both clients have a request waiting
+        z, _ = args
+        return self.ray.put(pack((np.zeros_like(z), np.float32(1.0))))
+
+
+def interleaved_events(cids: tuple[int, int], steps: int) -> list[tuple[int, str, int]]:
+    a, b = cids
+    kinds = [("start", a), ("start", b), *[("step", c) for _ in range(steps) for c in (a, b)],
+             ("finish", a), ("finish", b)]  # fmt: skip
+    return [(index, kind, cid) for index, (kind, cid) in enumerate(kinds)]
+
+
+def test_a_client_actor_plays_its_clients_concurrently(ray_session):
+    """Two clients of one actor take turns at the S-Server: each one's request is sent while the
+    other still waits for its answer. The summary lists the steps and the finished clients'
+    reports in schedule order, and their models come back as objects of their own."""
+    prepared = prepare(gas_config(num_clients=4))
+    server = PairedExchanges(ray_session)
+    actor = ClientActor(prepared.algorithm, DataBundle.of(prepared), [0, 2], server, channel=False)
+    events = interleaved_events((0, 2), steps=3)
+    summary, *models = actor.run_global_iteration(1, 1, prepared.algorithm.initial_global(), events)
+    assert sorted(server.arrivals) == [0, 0, 0, 2, 2, 2]
+    assert [index for index, _ in summary["losses"]] == list(range(2, 8))
+    assert [report.cid for report in summary["reports"]] == [0, 2]
+    assert len(models) == 2 and all(set(m) == {"client_model"} for m in models)
+    models_moved = sorted((cid, kind, way) for (_, cid, kind, way), _ in summary["ledger"]
+                          if kind == "client_model")  # fmt: skip
+    assert models_moved == [(c, "client_model", w) for c in (0, 2) for w in ("down", "up")]
+
+
+def test_a_failing_client_fails_its_actors_call_while_the_other_still_waits(ray_session):
+    """One client's request raises while the actor's other client waits for an answer that
+    needs it: the call raises that error at once instead of waiting for every client."""
+    prepared = prepare(gas_config(num_clients=4))
+    server = PairedExchanges(ray_session, fail_cid=2)
+    actor = ClientActor(prepared.algorithm, DataBundle.of(prepared), [0, 2], server, channel=False)
+    began = time.monotonic()
+    with pytest.raises(RuntimeError, match="client 2's exchange failed"):
+        actor.run_global_iteration(1, 1, prepared.algorithm.initial_global(),
+                                   interleaved_events((0, 2), steps=2))  # fmt: skip
+    assert time.monotonic() - began < 15  # client 0 still waits (20 s) at the barrier
+    server.meet.abort()  # lets client 0's thread go
