@@ -4,7 +4,8 @@ modules, optimizers, RNGs and data shards between rounds, so 100 clients run on 
 An actor runs its clients one after another with the same executor as the in-process runtime
 (`fslsage.transport.run_client_round`); only the `send` callable differs: requests go to the
 S-Server actor, uploads without waiting for them — through the same-node channel
-(`actors.channel`) when the S-Server runs on this node, else as Ray calls."""
+(`actors.channel`) when the S-Server runs on this node, else as Ray calls. For gas an actor
+plays its clients' schedule events instead, each client in a thread of its own."""
 
 from __future__ import annotations
 
