@@ -3,6 +3,7 @@ there: the training hot path has no per-sample Python and no host-device copies.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 
@@ -95,12 +96,9 @@ class ClientShard:
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """(inputs, labels) minibatches, reshuffled every epoch with `generator`; the last
         partial batch is kept. Inputs are prepared (normalised, augmented when the dataset asks
-        for "crop_flip" and `augment` is true)."""
-        steps = num_batches(len(self), batch_size)
-        for _ in range(epochs):
-            perm = self.permutation(generator)
-            for s in range(steps):
-                yield self.batch(perm[s * batch_size : (s + 1) * batch_size], generator, augment)
+        for "crop_flip" and `augment` is true). The first `epochs` epochs of a `BatchStream`."""
+        stream = BatchStream(self, batch_size, generator, augment=augment)
+        return itertools.islice(stream, epochs * stream.steps)
 
     def permutation(self, generator: torch.Generator) -> torch.Tensor:
         """An epoch's sample order, drawn from `generator`."""
@@ -125,8 +123,11 @@ class BatchStream:
     hold it and a restored client goes on with the batch it would have drawn (a generator
     cannot be pickled). The random numbers come from `generator`, the client's own."""
 
-    def __init__(self, shard: ClientShard, batch_size: int, generator: torch.Generator):
+    def __init__(
+        self, shard: ClientShard, batch_size: int, generator: torch.Generator, augment: bool = True
+    ):
         self.shard, self.batch_size, self.generator = shard, batch_size, generator
+        self.augment = augment
         self.steps = num_batches(len(shard), batch_size)
         self.perm: torch.Tensor | None = None  # None: the next batch opens an epoch
         self.step = 0
@@ -139,7 +140,7 @@ class BatchStream:
             self.perm, self.step = self.shard.permutation(self.generator), 0
         s, self.step = self.step, self.step + 1
         idx = self.perm[s * self.batch_size : (s + 1) * self.batch_size]
-        return self.shard.batch(idx, self.generator)
+        return self.shard.batch(idx, self.generator, self.augment)
 
     def position(self) -> tuple[torch.Tensor | None, int]:
         return (None if self.perm is None else self.perm.cpu()), self.step
