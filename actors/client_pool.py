@@ -4,8 +4,11 @@ modules, optimizers, RNGs and data shards between rounds, so 100 clients run on 
 An actor runs its clients one after another with the same executor as the in-process runtime
 (`fslsage.transport.run_client_round`); only the `send` callable differs: requests go to the
 S-Server actor, uploads without waiting for them — through the same-node channel
-(`actors.channel`) when the S-Server runs on this node, else as Ray calls. For gas an actor
-plays its clients' schedule events instead, each client in a thread of its own."""
+(`actors.channel`) when the S-Server runs on this node, else as Ray calls. The channel is
+authenticated both ways with the key the S-Server hands out with its address (`SServer.channel`,
+a Ray call): its socket is visible to every process on the machine, and frames are pickles.
+For gas an actor plays its clients' schedule events instead, each client in a thread of its
+own."""
 
 from __future__ import annotations
 
@@ -22,7 +25,6 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 
 from actors.channel import ANSWERED, ChannelBroken, ClientChannel
 from actors.common import (
-    CoreClaim,
     DataBundle,
     assigned_resources,
     cap_cuda_memory,
@@ -54,12 +56,9 @@ class ClientActor:
         cids: list[int],
         server: Any,
         gpu_fraction: float = 0.0,
-        threads: int = 1,
-        pinned_cores: int = 0,
         channel: bool = True,
     ):
-        self.cores = CoreClaim(pinned_cores)  # first: torch's threads inherit the pinning
-        torch.set_num_threads(threads)
+        torch.set_num_threads(algo.cfg.threads)  # as the in-process runtime: the same sums
         self.algo, self.server = algo, server
         self.device = resolve_device(algo.cfg)
         cap_cuda_memory(self.device, gpu_fraction)
@@ -70,6 +69,7 @@ class ClientActor:
         self.crash_at: tuple[int, int] | None = None
         self.held_done: list[tuple[int, int]] = []  # (cid, seq) of "done" markers not sent yet
         self.channel_path: str | None = None  # the same-node channel, if the S-Server offers one
+        self.channel_key: bytes | None = None  # and the key its handshake proves both ends know
         self.connections = threading.local()  # each thread's connection to it
         self.channel_known = not channel  # asked the S-Server for it (once, or after a break)
         self.pool: ThreadPoolExecutor | None = None  # gas: a thread per client
@@ -240,6 +240,7 @@ class ClientActor:
                 channel.close()
                 self.connections.current = None
                 self.channel_path, self.channel_known = None, False  # asked again next round
+                self.channel_key = None
         ref = self.server.submit.remote(epoch, cid, seq, kind, *args, done=done)
         return ray.get(ref) if answered else None
 
@@ -258,18 +259,19 @@ class ClientActor:
         raise RuntimeError(f"no S-Server replica answered client {cid}'s request") from error
 
     def _open_channel(self) -> None:
-        node, path = ray.get(self.server.channel.remote())
+        node, path, key = ray.get(self.server.channel.remote())
         self.channel_known = True
         same_node = path is not None and node == ray.get_runtime_context().get_node_id()
-        self.channel_path = path if same_node else None
+        self.channel_path, self.channel_key = (path, key) if same_node else (None, None)
         self._channel()  # this thread's connection, at once
 
     def _channel(self) -> ClientChannel | None:
         """This thread's connection to the same-node channel, or None. A connection carries the
         answers of its own requests, in the order the S-Server gives them, so each client thread
         of a gas iteration has its own; one to an older address (a restarted S-Server) is
-        replaced."""
-        if self.channel_path is None:
+        replaced. A server that fails the handshake (not the S-Server: e.g. a process that took
+        a dead S-Server's address) counts as broken: Ray calls."""
+        if self.channel_path is None or self.channel_key is None:
             return None
         current = getattr(self.connections, "current", None)
         if current is not None and current[0] == self.channel_path:
@@ -277,10 +279,10 @@ class ClientActor:
         if current is not None:
             current[1].close()
         try:
-            channel = ClientChannel(self.channel_path)
+            channel = ClientChannel(self.channel_path, self.channel_key)
         except ChannelBroken:  # e.g. the S-Server restarted since it answered: Ray calls
             self.connections.current = None
-            self.channel_path = None
+            self.channel_path = self.channel_key = None
             return None
         self.connections.current = (self.channel_path, channel)
         return channel

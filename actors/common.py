@@ -1,13 +1,12 @@
 """What the client actors and the S-Server actor share: the dataset as it sits in the object
 store, the form of the tensors in their messages, device placement and (de)serialising role
-objects for checkpoints."""
+objects for checkpoints; and how the project starts a local Ray instance (`start_local_ray`)."""
 
 from __future__ import annotations
 
-import fcntl
 import io
+import logging
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +17,11 @@ import torch
 from fslsage.data import ClientShard
 from fslsage.data.base import DatasetInfo
 from fslsage.experiment import Prepared
+
+log = logging.getLogger(__name__)
+RAY_BIND_ENV = "FSLSAGE_RAY_BIND"  # where a locally started Ray listens (default: loopback)
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # 0: Ray addresses this machine as 127.0.0.1
 
 
 @dataclass(frozen=True)
@@ -85,55 +89,6 @@ class DataBundle:
         return self.test_x.tensor(), self.test_y.tensor()
 
 
-class CoreClaim:
-    """Cores of this node that one actor's compute thread has to itself: an exclusive advisory
-    lock per core, held as long as this object (or the process) lives. Actors of every run and
-    trial on the node claim through the same lock files, so no two share a core.
-
-    Why: Ray schedules CPUs logically and leaves every process free to migrate, and the
-    S-Server shares the client actors' cores (it reserves no CPU). On the 2-core dev machine
-    the kernel moved each client actor 31 – 44 times in 30 demo rounds, and never once pinned;
-    the demo's ratio rose by about 0.035 over six alternating runs, within the noise of one
-    (bench/RESULTS.md, session 6)."""
-
-    def __init__(self, count: int, lock_dir: str | None = None):
-        """Claims `count` free cores among those this thread may run on and pins the calling
-        thread (and threads it starts later, e.g. torch's) to them; claims nothing when fewer
-        are free, or `count` is 0, and then the thread stays free to move."""
-        self.cores: frozenset[int] = frozenset()
-        self._locks: list[Any] = []
-        if count < 1:
-            return
-        lock_dir = lock_dir or os.path.join(tempfile.gettempdir(), "fslsage-cores")
-        os.makedirs(lock_dir, exist_ok=True)
-        claimed: dict[int, Any] = {}
-        for core in sorted(os.sched_getaffinity(0)):
-            try:
-                lock = open(os.path.join(lock_dir, f"core-{core}.lock"), "a")  # noqa: SIM115
-            except OSError:  # e.g. another user's lock file
-                continue
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:  # another actor's core
-                lock.close()
-                continue
-            claimed[core] = lock
-            if len(claimed) == count:
-                break
-        self._locks = list(claimed.values())
-        if len(claimed) < count:
-            self.release()
-            return
-        os.sched_setaffinity(0, claimed)  # 0: the calling thread
-        self.cores = frozenset(claimed)
-
-    def release(self) -> None:
-        """Frees the cores for other actors (the thread stays where it is)."""
-        for lock in self._locks:
-            lock.close()
-        self._locks, self.cores = [], frozenset()
-
-
 def cap_cuda_memory(device: torch.device, gpu_fraction: float) -> None:
     """An actor with a fractional GPU keeps to its share of the card's memory."""
     if device.type == "cuda" and 0 < gpu_fraction < 1:
@@ -189,3 +144,39 @@ def assigned_resources() -> dict[str, Any]:
     ctx = ray.get_runtime_context()
     return {"node_id": ctx.get_node_id(), "resources": ctx.get_assigned_resources(),
             "pid": os.getpid(), "cores": sorted(os.sched_getaffinity(0))}  # fmt: skip
+
+
+def start_local_ray(**init_kwargs: Any) -> None:
+    """Starts a new local Ray instance (`ray.init(address="local", **init_kwargs)`) whose every
+    port listens on the loopback interface only: Ray's gRPC servers (GCS, raylet, workers,
+    dashboard agent), its metrics export and autoscaler metrics endpoints and the runtime-env
+    agent otherwise listen on all interfaces, some without a token (e.g. the metrics). Only for
+    an instance this process starts; to join a cluster, call `ray.init(address=...)` instead.
+
+    $FSLSAGE_RAY_BIND configures it: unset or a loopback address, loopback only; `0.0.0.0` (or
+    `::`), Ray's own choice (all interfaces); any other address is the node's address, for
+    other machines to join this instance (Ray then listens on all interfaces).
+
+    How (Ray 2.60): Ray's servers bind loopback only when the node's IP is the loopback
+    address, but Ray rewrites a loopback address (`_node_ip_address`, or the GCS address a
+    process joins) to the machine's routable IP unless $RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER is 0.
+    It is set to 0 here, in this process's environment — so that processes started from here
+    (a sweep subprocess, `ray job submit`) reach this instance at its loopback GCS address —
+    and in Ray's copy of it, read when Ray was imported. A process started elsewhere joins this
+    instance with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_ADDRESS=127.0.0.1:<port>."""
+    import ray
+    from ray._private import ray_constants
+
+    bind = os.environ.get(RAY_BIND_ENV, "").strip() or LOOPBACK[0]
+    if bind not in LOOPBACK:
+        if bind not in ("0.0.0.0", "::"):
+            init_kwargs.setdefault("_node_ip_address", bind)
+        ray.init(address="local", **init_kwargs)
+        return
+    os.environ[RAY_LOOPBACK_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(address="local", **init_kwargs)
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip not in LOOPBACK:  # a Ray that chooses its address another way
+        log.warning("the local Ray instance took address %s, not loopback: its ports may "
+                    "listen on all interfaces", node_ip)  # fmt: skip

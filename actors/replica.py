@@ -26,9 +26,8 @@ from fslsage.stateless import gradient_store_dir, replica_answer, save_record
 
 
 class ServerReplica:
-    def __init__(self, algo: Algorithm, reducer: Any, gpu_fraction: float = 0.0,
-                 threads: int = 1):  # fmt: skip
-        torch.set_num_threads(threads)
+    def __init__(self, algo: Algorithm, reducer: Any, gpu_fraction: float = 0.0):
+        torch.set_num_threads(algo.cfg.threads)  # as the in-process runtime: the same sums
         self.cfg = algo.cfg
         self.device = resolve_device(self.cfg)
         cap_cuda_memory(self.device, gpu_fraction)

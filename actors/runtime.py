@@ -36,7 +36,7 @@ import torch
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from actors.client_pool import ClientActor, owned_clients
-from actors.common import DataBundle, assigned_resources
+from actors.common import DataBundle, assigned_resources, start_local_ray
 from actors.replica import ServerReplica
 from actors.s_server import SServer, StateLost
 from fslsage.algorithms.base import Algorithm, State, first_round
@@ -102,12 +102,17 @@ RemoteAggregator = ray.remote(max_restarts=MAX_RESTARTS)(Aggregator)
 
 
 def connect(address: str | None = None) -> bool:
-    """Joins `address` (or $RAY_ADDRESS) or starts a local instance sized to the machine; an
-    instance this process already runs is reused. True when this call started Ray."""
+    """Joins `address` (or $RAY_ADDRESS) or starts a local instance sized to the machine,
+    listening on loopback only (`start_local_ray`; $RAY_ADDRESS=auto joins one `ray start`
+    left running here); an instance this process already runs is reused. True when this call
+    started Ray."""
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
-    ray.init(address=address, include_dashboard=False, log_to_driver=True)
+    if address:
+        ray.init(address=address, include_dashboard=False, log_to_driver=True)
+    else:
+        start_local_ray(include_dashboard=False, log_to_driver=True)
     return True
 
 
@@ -123,6 +128,67 @@ def client_actor_count(cfg: Config, resources: dict[str, float], reserved_cpus: 
             free = resources.get("GPU", 0.0) - cfg.server_gpus
             n = min(n, int((free + eps) // cfg.client_gpus))
     return max(1, min(n, cfg.num_clients))
+
+
+Demand = tuple[dict[str, str], dict[str, float]]  # (resource → the config key asking, amounts)
+
+
+def cluster_nodes() -> list[dict[str, float]]:
+    """The total resources of every live node of the cluster this process joined."""
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
+def check_fits(demands: list[Demand], nodes: list[dict[str, float]]) -> None:
+    """A ConfigError naming the key of the first demand (one actor's or bundle's resources)
+    that no node can hold, or that with those before it exceeds what the cluster has in all:
+    Ray would wait for it for ever (under Tune) instead of failing."""
+    eps = 1e-9
+    totals: dict[str, float] = {}
+    for node in nodes:
+        for name, amount in node.items():
+            totals[name] = totals.get(name, 0.0) + amount
+    used: dict[str, float] = {}
+    for keys, amounts in demands:
+        need = {name: amount for name, amount in amounts.items() if amount > 0}
+        for name, amount in need.items():
+            if not any(n.get(name, 0.0) + eps >= amount for n in nodes):
+                most = max((n.get(name, 0.0) for n in nodes), default=0.0)
+                raise ConfigError(
+                    keys[name], f"one actor asks for {amount:g} {_resource(name)}; no node of the "
+                    f"cluster has that (the most on one node: {most:g})",
+                )  # fmt: skip
+        if not any(all(n.get(k, 0.0) + eps >= v for k, v in need.items()) for n in nodes):
+            asked = ", ".join(f"{v:g} {_resource(k)}" for k, v in need.items())
+            raise ConfigError(keys[next(iter(need))], f"one actor asks for {asked}; no node of "
+                                                      "the cluster has all of that")  # fmt: skip
+        for name, amount in need.items():
+            used[name] = used.get(name, 0.0) + amount
+            if used[name] > totals.get(name, 0.0) + eps:
+                raise ConfigError(
+                    keys[name], f"the run's actors ask for {used[name]:g} {_resource(name)} in "
+                    f"all (at least), the cluster has {totals.get(name, 0.0):g}",
+                )  # fmt: skip
+
+
+def _resource(name: str) -> str:
+    return name.removeprefix("accelerator_type:") + " accelerator" if ":" in name else name
+
+
+def actor_demands(cfg: Config, num_client_actors: int) -> list[Demand]:
+    """What the runtime's actors ask Ray for: the S-Server, the client actors, the replicas."""
+    server = {"GPU": cfg.server_gpus}
+    keys = {"GPU": "server_gpus", "CPU": "client_cpus"}
+    if cfg.server_accelerator:
+        server[f"accelerator_type:{cfg.server_accelerator}"] = 0.001
+        keys[f"accelerator_type:{cfg.server_accelerator}"] = "server_accelerator"
+    client = ({"CPU": "client_cpus", "GPU": "client_gpus"},
+              {"CPU": cfg.client_cpus, "GPU": cfg.client_gpus})  # fmt: skip
+    replicas = cfg.server_replicas if cfg.server_mode == "stateless" else 0
+    return [
+        (keys, server),
+        *[client] * num_client_actors,
+        *[(keys, {"GPU": cfg.server_gpus})] * replicas,
+    ]
 
 
 @dataclass
@@ -174,22 +240,24 @@ class RayRuntime:
                                    "actors (or device: auto)")  # fmt: skip
         self.cfg, self.algo = cfg, algo
         self.started_ray = connect(address)
+        n = client_actor_count(cfg, ray.cluster_resources())
+        try:  # before any actor starts: one that cannot be placed would wait for ever
+            check_fits(actor_demands(cfg, n), cluster_nodes())
+        except ConfigError:
+            self._shutdown_ray()
+            raise
         self.algo_ref = ray.put(algo)
         self.data_ref = ray.put(DataBundle.of(prepared))
-        n = client_actor_count(cfg, ray.cluster_resources())
         self.owned = owned_clients(cfg.num_clients, n)
         self.server = RemoteSServer.options(
             num_cpus=0,  # leaves every core to a client actor; on a GPU it works on the GPU
             num_gpus=cfg.server_gpus,
             accelerator_type=cfg.server_accelerator or None,
         ).remote(self.algo_ref, self.data_ref, cfg.server_batching, cfg.max_batch,
-                 cfg.max_wait_ms, cfg.server_gpus, 1)  # fmt: skip
-        threads = max(1, int(cfg.client_cpus))
-        whole_cores = cfg.pin_client_cores and float(cfg.client_cpus).is_integer()
-        pinned = threads if whole_cores else 0  # cores each actor claims (see CoreClaim)
+                 cfg.max_wait_ms, cfg.server_gpus)  # fmt: skip
         self.client_actors = [
             RemoteClientActor.options(num_cpus=cfg.client_cpus, num_gpus=cfg.client_gpus).remote(
-                self.algo_ref, self.data_ref, cids, self.server, cfg.client_gpus, threads, pinned
+                self.algo_ref, self.data_ref, cids, self.server, cfg.client_gpus
             )
             for cids in self.owned
         ]
@@ -241,7 +309,7 @@ class RayRuntime:
         """One more stateless S-Server replica (server_mode: stateless), at any time: it takes
         the published weights, and clients use it from their next round."""
         replica = RemoteReplica.options(num_cpus=0, num_gpus=self.cfg.server_gpus).remote(
-            self.algo_ref, self.server, self.cfg.server_gpus, 1
+            self.algo_ref, self.server, self.cfg.server_gpus
         )
         ray.get(self.server.register_replica.remote(replica))
         self.replicas.append(replica)
@@ -303,6 +371,9 @@ class RayRuntime:
     def close(self) -> None:
         for actor in [*self.client_actors, *self.replicas, self.server, self.aggregator]:
             ray.kill(actor)
+        self._shutdown_ray()
+
+    def _shutdown_ray(self) -> None:
         if self.started_ray:
             ray.shutdown()
 

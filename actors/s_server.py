@@ -4,7 +4,10 @@ Every request — an upload, a gradient exchange, an alignment job, a client's "
 marker and the F-Server's control calls — goes into one `asyncio.Queue`, drained by one worker
 coroutine, the only code that touches the server role. Client requests arrive as Ray calls of
 `submit` or, from client actors on this node, through the Unix socket of `actors.channel`,
-which hands them to `submit` as well. Requests carry (epoch, client id,
+which hands them to `submit` as well; that socket serves only peers that prove they know the
+run's channel key, which this actor makes as it opens the channel and gives only to callers of
+`channel` (the run's client actors, through Ray): anyone on the machine can see and connect to
+the socket, and a frame is unpickled. Requests carry (epoch, client id,
 sequence number): Ray does not keep the order of calls to an async actor, and a restarted round
 must not see stale requests. Requests of a round attempt that has not begun yet wait for its
 `begin_round`, so the F-Server never waits for that call to return; and a `begin_round` that
@@ -43,7 +46,7 @@ import ray
 import torch
 from torch import Tensor
 
-from actors.channel import ANSWERED, serve
+from actors.channel import ANSWERED, new_key, serve
 from actors.common import (
     DataBundle,
     assigned_resources,
@@ -159,11 +162,10 @@ class SServer:
         max_batch: int = 8,
         max_wait_ms: float = 5.0,
         gpu_fraction: float = 0.0,
-        threads: int = 1,
     ):
         if batching not in BATCHING:
             raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
-        torch.set_num_threads(threads)
+        torch.set_num_threads(algo.cfg.threads)  # as the in-process runtime: the same sums
         self.algo, self.cfg = algo, algo.cfg
         self.device = resolve_device(self.cfg)
         cap_cuda_memory(self.device, gpu_fraction)
@@ -182,6 +184,7 @@ class SServer:
         self.deferred: list[Request] = []  # openings that wait for the attempt they follow to end
         self.crash_at_opening: int | None = None
         self.channel_path: str | None = None
+        self.channel_key: bytes | None = None  # proves a peer of the channel is this run's
         # the round attempt whose end this server's state follows (0: the initial state)
         self.state_after = 0
         self.rejected: tuple[int, int] | None = None  # (epoch, after) of a lost-state opening
@@ -301,15 +304,19 @@ class SServer:
             if dead and replica in self.replica_handles:  # killed for good (a restarting one
                 self.replica_handles.remove(replica)  # pulls the weights as it starts)
 
-    async def channel(self) -> tuple[str, str | None]:
-        """(node id, socket path) of the same-node fast path for `submit` (actors.channel),
-        opened on the first call; no path where this platform has no Unix sockets."""
+    async def channel(self) -> tuple[str, str | None, bytes | None]:
+        """(node id, socket path, key) of the same-node fast path for `submit` (actors.channel),
+        opened on the first call with a fresh random key: a connection is served only once its
+        peer has proved it knows the key, which leaves this actor only in this (Ray's
+        authenticated) answer. No path or key where this platform has no Unix sockets."""
         if self.channel_path is None:
+            key = new_key()
             try:
-                self.channel_path = serve(self.submit, asyncio.get_running_loop())
+                self.channel_path = serve(self.submit, asyncio.get_running_loop(), key)
+                self.channel_key = key
             except (OSError, AttributeError) as e:  # AttributeError: no socket.AF_UNIX
                 log.warning("no same-node channel, requests go as Ray calls: %r", e)
-        return ray.get_runtime_context().get_node_id(), self.channel_path
+        return ray.get_runtime_context().get_node_id(), self.channel_path, self.channel_key
 
     async def arm_crash(self, t: int) -> None:
         """Test hook: the process exits when it is about to open round t."""

@@ -80,13 +80,16 @@ class Config:
     server_gflops: float = 10000.0  # the S-Server's FLOP/s in the simulated clock, in GFLOP/s
     target_acc: float = 0.8
     seed: int = 0
+    # torch intra-op threads of every process that computes: the in-process runtime, each
+    # client actor, the S-Server and its replicas. One count for both runtimes, because the
+    # thread count changes how reductions are summed, so the runtimes agree only with the same
+    threads: int = 1
     runtime: Literal["local", "ray"] = "local"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     client_gpus: float = 0.0
     server_gpus: float = 0.0
     client_cpus: float = 1.0  # per client actor (runtime: ray)
     num_client_actors: int = 0  # 0: as many as the cluster's CPUs (and GPUs) hold
-    pin_client_cores: bool = True  # each client actor on client_cpus cores of its own, if free
     server_accelerator: str = ""  # Ray accelerator type the S-Server asks for, e.g. "A100"
     server_batching: Literal["exact", "coalesce"] = "exact"
     max_batch: int = 8
@@ -121,12 +124,16 @@ _AT_LEAST_ONE = (
     "num_clients", "rounds", "local_epochs", "batch_size", "eval_batch_size", "shards_per_client",
     "server_update_interval", "align_interval", "align_buffer_size", "align_epochs",
     "align_batch_size", "max_batch", "local_iters", "model_buffer", "activation_buffer",
-    "server_replicas",
+    "server_replicas", "threads",
 )  # fmt: skip
 _NON_NEGATIVE = (
     "weight_decay", "client_gpus", "server_gpus", "max_wait_ms", "checkpoint_every",
     "num_client_actors", "per_label", "active_clients", "sync_every",
 )  # fmt: skip
+
+MAX_ROUNDS = 100_000  # far beyond any paper run; a typo like 10**12 must not plan for ever
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding takes no more
+NAME_MAX = 100  # characters of `name`: one folder name, well within any file system's limit
 
 SEARCH_SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
 SEARCH_OPTIONS = (
@@ -190,8 +197,32 @@ def _check_range(cfg: Config) -> None:
             "active_clients",
             f"at most num_clients={cfg.num_clients} can train at once, got {cfg.active_clients}",
         )
-    if not cfg.name or "/" in cfg.name:
-        raise ConfigError("name", f"must be a non-empty name without '/', got {cfg.name!r}")
+    if cfg.rounds > MAX_ROUNDS:
+        raise ConfigError("rounds", f"must be <= {MAX_ROUNDS:,}, got {cfg.rounds:,}")
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise ConfigError("seed", f"must be in [0, 2**32 - 1], got {cfg.seed}")
+    _check_name(cfg.name)
+    store = cfg.gradient_store_path
+    if store and Path(store).exists() and not Path(store).is_dir():
+        raise ConfigError("gradient_store_path", f"{store} exists and is not a directory")
+
+
+def _check_name(name: str) -> None:
+    """`name` becomes one folder under the results directory (and a sweep replaces it): a plain
+    file name, so no name reaches outside it (`..`, `/`) or fails late in the file system."""
+    plain = (
+        0 < len(name) <= NAME_MAX
+        and name not in (".", "..")
+        and not any(c in name for c in "/\\")
+        and name.isprintable()  # no NUL, newline or other control characters
+    )
+    if not plain:
+        shown = repr(name if len(name) <= 40 else name[:40] + "...")
+        raise ConfigError(
+            "name",
+            f"must be a plain folder name (1-{NAME_MAX} printable characters, no '/', '\\' or "
+            f"NUL, not '.' or '..'), got {shown} ({len(name)} characters)",
+        )
 
 
 def _check_registries(cfg: Config) -> None:
@@ -229,6 +260,13 @@ def _check_registries(cfg: Config) -> None:
         raise ConfigError(
             "num_clients",
             f"{cfg.num_clients} clients but {cfg.dataset} has {info.num_train} samples",
+        )
+    shards = cfg.num_clients * cfg.shards_per_client
+    if cfg.partition == "shards" and shards > info.num_train:
+        raise ConfigError(
+            "shards_per_client",
+            f"{cfg.num_clients} clients x {cfg.shards_per_client} shards = {shards} shards but "
+            f"{cfg.dataset} has {info.num_train} samples",
         )
     try:
         with torch.device("meta"):
@@ -428,6 +466,22 @@ class _Loader(yaml.SafeLoader):
     """YAML as people write it: `1e-3` and `5E4` are floats (YAML 1.2), not strings (1.1)."""
 
 
+def _mapping_without_duplicates(loader: _Loader, node: yaml.MappingNode, deep: bool = False):
+    """A key written twice is a mistake (which one was meant?), not a silent last-one-wins."""
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, str | int | float | bool):
+            continue  # unhashable keys are rejected by the mapping constructor itself
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
@@ -486,10 +540,20 @@ def load_config(
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError("--config", f"{path} is a directory, not a YAML file")
         if not path.is_file():
             raise ConfigError("--config", f"no such file: {path}")
         try:
-            raw = _load_yaml(path.read_text()) or {}
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError("--config", f"{path} is not a text (UTF-8 YAML) file") from None
+        except OSError as e:
+            raise ConfigError("--config", f"cannot read {path}: {e.strerror or e}") from None
+        if "\0" in text:
+            raise ConfigError("--config", f"{path} is not a text (UTF-8 YAML) file")
+        try:
+            raw = _load_yaml(text) or {}
         except yaml.YAMLError as e:
             raise ConfigError("--config", f"{path} is not valid YAML: {_yaml_problem(e)}") from None
         if not isinstance(raw, dict):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -15,7 +16,7 @@ from fslsage.algorithms.base import Algorithm, ComputeCosts, TrafficSizes, first
 from fslsage.config import Config
 from fslsage.data import client_sizes, describe_dataset
 from fslsage.data.base import CLASSIFICATION
-from fslsage.ledger import Ledger
+from fslsage.ledger import GIB, Ledger
 from fslsage.models import cut_shape, dummy_input, state_bytes, training_flops
 from fslsage.simulation import RoundClock, client_profiles
 
@@ -77,49 +78,55 @@ def planned_clock(cfg: Config) -> RoundClock:
     )
 
 
-def planned_async(cfg: Config, clock: RoundClock | None = None) -> tuple[Ledger, list[float]]:
-    """gas: the ledger and the simulated seconds of each global iteration, from the same
-    schedule a run follows (it depends on the profiles and sizes, not on training)."""
-    from fslsage.algorithms.gas import AsyncSchedule, event_seconds
-
+def planned_round_ledgers(
+    cfg: Config, clock: RoundClock | None = None
+) -> Iterator[tuple[int, Ledger, float]]:
+    """(round, its ledger, its simulated seconds), planned one round at a time, so a caller that
+    stops at the budget never plans the rounds after it. gas follows the same schedule a run
+    does (it depends on the profiles and sizes, not on training)."""
     clock = clock or planned_clock(cfg)
-    schedule = AsyncSchedule(cfg, clock.client_samples, event_seconds(clock))
-    ledger, seconds = Ledger(), []
-    for t in range(1, cfg.rounds + 1):
-        started = schedule.now
-        for event, cid, batch in schedule.global_iteration():
-            transfers = clock.algo.planned_event_traffic(event, batch, clock.sizes)
-            for kind, direction, nbytes in transfers:
+    if clock.algo.asynchronous:
+        from fslsage.algorithms.gas import AsyncSchedule, event_seconds
+
+        schedule = AsyncSchedule(cfg, clock.client_samples, event_seconds(clock))
+        for t in range(1, cfg.rounds + 1):
+            ledger, started = Ledger(), schedule.now
+            for event, cid, batch in schedule.global_iteration():
+                transfers = clock.algo.planned_event_traffic(event, batch, clock.sizes)
+                for kind, direction, nbytes in transfers:
+                    ledger.record(t, cid, kind, direction, nbytes)
+            yield t, ledger, schedule.now - started
+        return
+    for t in range(first_round(cfg), cfg.rounds + 1):
+        ledger = Ledger()
+        for cid in range(len(clock.client_samples)):
+            for kind, direction, nbytes in clock.plan(t, cid)[0]:
                 ledger.record(t, cid, kind, direction, nbytes)
-        seconds.append(schedule.now - started)
+        yield t, ledger, clock.round_seconds(t, ledger)
+
+
+def planned_async(cfg: Config, clock: RoundClock | None = None) -> tuple[Ledger, list[float]]:
+    """gas: the ledger and the simulated seconds of each global iteration."""
+    ledger, seconds = Ledger(), []
+    for _, round_ledger, round_seconds in planned_round_ledgers(cfg, clock):
+        ledger.merge(round_ledger)
+        seconds.append(round_seconds)
     return ledger, seconds
 
 
 def planned_ledger(cfg: Config, clock: RoundClock | None = None) -> Ledger:
-    clock = clock or planned_clock(cfg)
-    if clock.algo.asynchronous:
-        return planned_async(cfg, clock)[0]
-    ledger = Ledger()
-    for t in range(first_round(cfg), cfg.rounds + 1):
-        for cid in range(len(clock.client_samples)):
-            for kind, direction, nbytes in clock.plan(t, cid)[0]:
-                ledger.record(t, cid, kind, direction, nbytes)
-    return ledger
+    return planned_async(cfg, clock)[0]
 
 
 def planned_rounds(cfg: Config) -> list[dict]:
     """Per-round ledger summaries with the cumulative simulated time (`sim_time_s`), stopping
     at the communication budget like a real run."""
-    clock = planned_clock(cfg)
-    if clock.algo.asynchronous:
-        ledger, seconds = planned_async(cfg, clock)
-    else:
-        ledger = planned_ledger(cfg, clock)
-        seconds = [clock.round_seconds(t, ledger) for t in ledger.rounds()]
-    out, sim_time_s = [], 0.0
-    for t, round_seconds in zip(ledger.rounds(), seconds, strict=True):
+    out, total_bytes, sim_time_s = [], 0, 0.0
+    for t, ledger, round_seconds in planned_round_ledgers(cfg):
+        summary = ledger.round_summary(t)
+        total_bytes += summary["up_bytes"] + summary["down_bytes"]
         sim_time_s += round_seconds
-        out.append({**ledger.round_summary(t), "sim_time_s": sim_time_s})
-        if ledger.gib(through_round=t) >= cfg.comm_budget_gib:
+        out.append({**summary, "sim_time_s": sim_time_s})
+        if total_bytes / GIB >= cfg.comm_budget_gib:
             break
     return out

@@ -24,7 +24,7 @@ from fslsage.algorithms.base import (
     first_round,
     loss_fn,
 )
-from fslsage.config import Config
+from fslsage.config import Config, ConfigError
 from fslsage.data import (
     BatchStream,
     ClientShard,
@@ -84,8 +84,13 @@ def prepare(cfg: Config) -> Prepared:
         labels = dataset.train_y.numpy()
     else:  # language modelling: no class labels to skew, every partition is over one class
         labels = np.zeros(len(dataset.train_y), dtype=np.int64)
-    parts = partition(cfg.partition, labels, cfg.num_clients, alpha=cfg.alpha,
-                      shards_per_client=cfg.shards_per_client, seed=cfg.seed)  # fmt: skip
+    try:
+        parts = partition(cfg.partition, labels, cfg.num_clients, alpha=cfg.alpha,
+                          shards_per_client=cfg.shards_per_client, seed=cfg.seed)  # fmt: skip
+    except ValueError as e:  # the files hold fewer samples than the dataset's nominal size
+        key = "shards_per_client" if cfg.partition == "shards" else "num_clients"
+        raise ConfigError(key, f"{e}: {cfg.dataset} in {cfg.data_dir} has {len(labels)} "
+                               f"training samples") from None  # fmt: skip
     num_classes = info.num_classes if info.task == CLASSIFICATION else 1
     hist = label_histogram(labels, parts, num_classes)
     return Prepared(cfg, dataset, parts, hist, build_algorithm(cfg, info))
@@ -168,6 +173,9 @@ class LocalRuntime:
     def __init__(self, prepared: Prepared):
         cfg, algo = prepared.cfg, prepared.algorithm
         self.prepared, self.algo, self.cfg = prepared, algo, cfg
+        # the thread count of every Ray actor too: sums reduce in the same order in both runtimes
+        self.threads_before = torch.get_num_threads()
+        torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg)
         self.shards = [prepared.shard(cid, self.device) for cid in range(cfg.num_clients)]
         self.clients = [
@@ -228,7 +236,7 @@ class LocalRuntime:
         return evaluate(model, ds.test_x, ds.test_y, ds.info, self.cfg.eval_batch_size, self.device)
 
     def close(self) -> None:
-        pass
+        torch.set_num_threads(self.threads_before)
 
 
 def progress_line(cfg: Config, row: dict) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -55,19 +56,22 @@ def write_partition(prepared, out: Path) -> None:
 
 def train(cfg: Config, out: Path, address: str | None) -> None:
     from fslsage.experiment import LocalRuntime, prepare, run_experiment
+    from fslsage.stateless import remove_gradient_store, run_gradient_store
 
+    cfg = run_gradient_store(cfg, out)  # temporary files stay inside the run's folder
     prepared = prepare(cfg)
-    write_partition(prepared, out)
-    if cfg.runtime == "ray":
+    if cfg.runtime == "ray":  # first: it checks the cluster can hold the run, writing nothing
         from actors.runtime import RayRuntime
 
         runtime = RayRuntime(prepared, address=address)
     else:
         runtime = LocalRuntime(prepared)
     try:
+        write_partition(prepared, out)
         df = run_experiment(cfg, runtime, out_dir=out)
     finally:
         runtime.close()
+        remove_gradient_store(cfg)
     last = df.iloc[-1]
     print(f"done: {len(df)} rounds, test_acc {last.test_acc:.4f}, comm {last.comm_gib:.4f} GiB, "
           f"simulated {last.sim_time_s:.1f}s, {last.wall_s:.1f}s; "
@@ -78,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from fslsage.data.base import DataError
     from fslsage.experiment import TrainingDiverged
+    from fslsage.preflight import check_ray_address, create_folder, remove_created
 
+    created: list[Path] = []
     try:
         cfg = load_config(args.config, args.overrides)
         if args.json and not args.dry_run:
@@ -86,11 +92,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             dry_run(cfg, args.json)
             return 0
-        train(cfg, Path(args.out or Path("results") / cfg.name), args.address)
+        if cfg.runtime == "ray":
+            key = "--address" if args.address else "RAY_ADDRESS"
+            check_ray_address(args.address or os.environ.get("RAY_ADDRESS"), key)
+        out = Path(args.out or Path("results") / cfg.name)
+        created = create_folder(out, "--out")
+        train(cfg, out.resolve(), args.address)
     except ConfigError as e:
+        remove_created(created)  # a run stopped before it began leaves no empty folders
         print(f"fslsage: config error: {e}", file=sys.stderr)
         return 2
     except DataError as e:
+        remove_created(created)
         print(f"fslsage: data error: {e}", file=sys.stderr)
         return 1
     except TrainingDiverged as e:

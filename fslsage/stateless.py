@@ -84,9 +84,39 @@ def load_record(path: str | Path, device: torch.device | str = "cpu") -> Gradien
 
 
 def gradient_store_dir(cfg) -> str:
-    """Where record files go: `gradient_store_path` (a path every node sees, on a cluster),
-    else a folder in this machine's temporary directory."""
+    """Where record files go: `gradient_store_path`, which the entry points set to a folder of
+    the run's own (`run_gradient_store`); a library caller that left it empty gets a folder in
+    this machine's temporary directory."""
     return cfg.gradient_store_path or os.path.join(tempfile.gettempdir(), "fslsage-gradients")
+
+
+def run_gradient_store(cfg, run_dir: str | Path):
+    """`cfg` with the gradient store of this run, for `gradient_store: files`: `<run
+    folder>/gradients`, or with `gradient_store_path` given (a path every node sees, shared by
+    runs), a new `run-<id>` folder under it, so a run only ever deletes its own records."""
+    if cfg.server_mode != "stateless" or cfg.gradient_store != "files":
+        return cfg
+    if cfg.gradient_store_path:
+        folder = Path(cfg.gradient_store_path) / f"run-{uuid.uuid4().hex[:12]}"
+    else:
+        folder = Path(run_dir) / "gradients"
+    return cfg.replace(gradient_store_path=str(folder.resolve()))
+
+
+def remove_gradient_store(cfg) -> None:
+    """Deletes what is left in a run's gradient store (records of a round that did not finish)
+    and the folder: only record files, and only in the folder `run_gradient_store` chose."""
+    if cfg.server_mode != "stateless" or cfg.gradient_store != "files":
+        return
+    folder = Path(cfg.gradient_store_path)
+    if not cfg.gradient_store_path or not folder.is_dir():
+        return
+    for path in [*folder.glob("*.pt"), *folder.glob("*.tmp")]:
+        path.unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:  # something else lives there: not ours to delete
+        pass
 
 
 class StatelessServer(Server):

@@ -11,11 +11,17 @@ The config is validated completely before Ray starts. Ray joins $RAY_ADDRESS (se
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import shlex
 import shutil
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +29,7 @@ from fslsage.config import ConfigError, flatten, load_config
 from fslsage.results import write_atomic
 
 SWEEP_STATE = "sweep.json"  # the sweep's base config, cluster size and MLflow ids, for --resume
+SWEEP_MARKER = ".fslsage-sweep"  # holds the sweep's name: a sweep replaces only its own folder
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def connect_ray() -> None:
-    """Joins $RAY_ADDRESS or starts a local Ray; an instance already up here is reused."""
+    """Joins $RAY_ADDRESS or starts a local Ray, on loopback only (actors.common.start_local_ray);
+    an instance already up here is reused."""
     import ray
 
     if ray.is_initialized():
@@ -47,8 +55,10 @@ def connect_ray() -> None:
     address = os.environ.get("RAY_ADDRESS") or None
     if address:
         ray.init(address=address)
-    else:  # a local instance just for this sweep: quiet, no dashboard to start
-        ray.init(include_dashboard=False, log_to_driver=False)
+    else:  # a local instance just for this sweep: quiet, no dashboard, loopback only
+        from actors.common import start_local_ray
+
+        start_local_ray(include_dashboard=False, log_to_driver=False)
 
 
 def _first_difference(a: dict[str, Any], b: dict[str, Any]) -> str | None:
@@ -64,17 +74,32 @@ def absolute_paths(raw: dict[str, Any]) -> dict[str, Any]:
 
 def plan(args: argparse.Namespace) -> tuple[dict[str, Any], Path, dict[str, Any] | None]:
     """Everything that can be wrong with the command, checked before Ray starts: the config
-    (search block included) and, for --resume, the sweep being resumed. Returns the config as
-    given, the sweep directory and the saved sweep state (None for a fresh sweep)."""
+    (search block included), the results folder and the MLflow store, and for --resume the
+    sweep being resumed (for a fresh one, that its folder is a sweep's to replace). Returns the
+    config as given, the sweep directory and the saved sweep state (None for a fresh sweep)."""
+    from fslsage.preflight import check_folder, check_ray_address, check_tracking_uri
+    from tune.tracking import resolve_tracking_uri
+
     cfg = load_config(args.config, args.overrides)
     given = cfg.to_dict()
-    sweep_dir = Path(args.results_dir).resolve() / cfg.name
+    check_ray_address(os.environ.get("RAY_ADDRESS"), "RAY_ADDRESS")
+    results_dir = check_folder(args.results_dir, "--results-dir")
+    sweep_dir = results_dir / cfg.name  # `name` is a plain folder name: inside results_dir
+    store_key = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "--results-dir"
+    check_tracking_uri(resolve_tracking_uri(results_dir), store_key)
     if not args.resume:
+        if sweep_dir.is_symlink() or (sweep_dir.exists() and not sweep_dir.is_dir()):
+            raise ConfigError("name", f"{sweep_dir} exists and is not a folder")
+        if sweep_dir.is_dir() and any(sweep_dir.iterdir()) and not is_sweep_folder(sweep_dir):
+            raise ConfigError("name", f"{sweep_dir} holds files that no sweep of this name made; "
+                                      "choose another name or --results-dir")  # fmt: skip
         return given, sweep_dir, None
     state_file = sweep_dir / SWEEP_STATE
     if not (sweep_dir / "tuner.pkl").is_file() or not state_file.is_file():
         raise ConfigError("--resume", f"no interrupted sweep to resume in {sweep_dir}")
-    state = json.loads(state_file.read_text())
+    state = read_state(state_file)
+    if state is None:
+        raise ConfigError("--resume", f"{state_file} is unreadable; start the sweep afresh")
     key = _first_difference(state["config"], given)
     if key is not None:
         raise ConfigError(
@@ -83,29 +108,65 @@ def plan(args: argparse.Namespace) -> tuple[dict[str, Any], Path, dict[str, Any]
     return given, sweep_dir, state
 
 
+def read_state(path: Path) -> dict[str, Any] | None:
+    """A sweep's saved state, or None if it is missing or not what `start` writes."""
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(state, dict) and isinstance(state.get("config"), dict)
+    return state if ok else None
+
+
+def is_sweep_folder(sweep_dir: Path) -> bool:
+    """The folder is one a sweep of this name made (its marker, or the state file of a sweep
+    from before markers): the only kind of folder `start` ever deletes."""
+    if (sweep_dir / SWEEP_MARKER).is_file():
+        return (sweep_dir / SWEEP_MARKER).read_text().strip() == sweep_dir.name
+    state = read_state(sweep_dir / SWEEP_STATE)
+    return state is not None and state["config"].get("name") == sweep_dir.name
+
+
+def cluster_size() -> dict[str, float]:
+    """The CPUs and GPUs of the cluster this process joined, as trials are sized by them."""
+    import ray
+
+    resources = ray.cluster_resources()
+    return {k: resources.get(k, 0.0) for k in ("CPU", "GPU")}
+
+
+def check_cluster(base: dict[str, Any], state: dict[str, Any] | None) -> None:
+    """Every trial's bundles fit the cluster, before anything is written or replaced: a trial
+    that cannot be placed would wait for ever. A ConfigError names the key."""
+    from tune.resources import check_trials_fit
+
+    check_trials_fit(base, state["cluster"] if state else cluster_size())
+
+
 def start(given: dict[str, Any], sweep_dir: Path) -> dict[str, Any]:
     """A fresh sweep: the previous run of the same sweep is replaced (so two runs' rows never
     mix), the MLflow parent run is opened and what --resume needs is saved in sweep.json."""
-    import ray
 
     from tune import tracking
 
-    if sweep_dir.exists() and any((sweep_dir / f).exists() for f in ("tuner.pkl", SWEEP_STATE)):
-        print(f"replacing the previous sweep in {sweep_dir}")
+    if sweep_dir.is_dir() and is_sweep_folder(sweep_dir):
+        trials = sum(1 for p in sweep_dir.iterdir() if p.is_dir())
+        print(f"replacing the previous run of sweep {sweep_dir.name} in {sweep_dir} "
+              f"({trials} trial folders and its result files)")  # fmt: skip
         shutil.rmtree(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
+    (sweep_dir / SWEEP_MARKER).write_text(sweep_dir.name + "\n")  # first: the folder is ours
     uri = tracking.resolve_tracking_uri(sweep_dir.parent)
     experiment_id, parent = tracking.start_sweep_run(
         uri, given["name"], sweep_dir.parent / "mlartifacts", given, sweep_dir
     )
-    resources = ray.cluster_resources()
     state = {
         "config": given,  # --resume compares the config it is given with this one
         "tracking_uri": uri,
         "experiment_id": experiment_id,
         "parent_run_id": parent,
         # sized once: trials restored by --resume reserve what they reserved at first
-        "cluster": {k: resources.get(k, 0.0) for k in ("CPU", "GPU")},
+        "cluster": cluster_size(),
     }
     write_atomic(sweep_dir / SWEEP_STATE, lambda tmp: tmp.write_text(json.dumps(state, indent=1)))
     return state
@@ -158,9 +219,74 @@ def make_tuner(base: dict[str, Any], sweep_dir: Path, state: dict[str, Any]) -> 
     )
 
 
+INTERRUPTED = 130  # the exit status of a sweep cut short by Ctrl+C (128 + SIGINT)
+# Tune stops a sweep gracefully on either: trials stopped, experiment state saved
+STOP_SIGNALS = frozenset({signal.SIGINT, getattr(signal, "SIGUSR1", signal.SIGINT)})
+
+
+@contextmanager
+def signals_seen() -> Iterator[set[int]]:
+    """The signals caught by a Python handler while the block ran (filled in when it ends).
+
+    Tuner.fit() catches Ctrl+C with its own handler: it stops the running trials, which then
+    read TERMINATED like finished ones, saves its state and returns as if the sweep had ended,
+    its ResultGrid saying nothing of it. The interpreter writes every signal a Python handler
+    catches to its wakeup fd, whoever's handler that is: this sees Ctrl+C without taking Tune's
+    handler (its graceful stop) away. Off the main thread, or where another wakeup fd is set
+    (an event loop's), it sees nothing. On the way out the SIGINT handler from before is put
+    back: Tune leaves its own, which would swallow a Ctrl+C while the results are written."""
+    seen: set[int] = set()
+    if threading.current_thread() is not threading.main_thread():
+        yield seen  # signal handlers and the wakeup fd belong to the main thread
+        return
+    handler = signal.getsignal(signal.SIGINT)
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    os.set_blocking(w, False)
+    previous = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    if previous != -1:  # someone else's: leave it theirs
+        signal.set_wakeup_fd(previous)
+    try:
+        yield seen
+    finally:
+        if previous == -1:
+            signal.set_wakeup_fd(-1)
+        if handler is not None:  # None: not set from Python
+            signal.signal(signal.SIGINT, handler)
+        try:
+            while chunk := os.read(r, 512):
+                seen.update(chunk)
+        except BlockingIOError:
+            pass
+        os.close(r)
+        os.close(w)
+
+
+def write_failed(what: str | Path, error: OSError) -> str:
+    """The one line a result that could not be written gets on stderr."""
+    kind = "disk full: " if error.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+    return f"fslsage: {kind}could not write {what}: {error.strerror or error}"
+
+
+def _end_runs(uri: str, state: dict[str, Any], status: str) -> None:
+    """Best effort, on the way out of a sweep that could not finish its summary: the parent run
+    and the trial runs still RUNNING end `status`. A store that fails too (the same full disk)
+    must not hide the error being reported."""
+    from tune import tracking
+
+    try:
+        tracking.settle_trial_runs(uri, state["experiment_id"], state["parent_run_id"], {}, status)
+        tracking.finish_sweep_run(uri, state["parent_run_id"], status, [])
+    except Exception:  # see the docstring
+        pass
+
+
 def run(given: dict[str, Any], sweep_dir: Path, state: dict[str, Any] | None) -> int:
-    """Runs (or resumes) the sweep and writes its results; 0 when at least one trial finished,
-    1 when every trial failed, 130 when interrupted (Ctrl+C: continue with --resume)."""
+    """Runs (or resumes) the sweep and writes its results; 0 when at least one trial did not
+    fail, 1 when every trial failed or a result file could not be written (one line on
+    stderr), 130 when interrupted (Ctrl+C: unfinished trials read "interrupted", MLflow runs
+    KILLED; continue with --resume). A trial is failed when it raised or when its logged
+    results are missing."""
     from fslsage.config import validate
     from tune import space, summary, tracking
 
@@ -171,6 +297,7 @@ def run(given: dict[str, Any], sweep_dir: Path, state: dict[str, Any] | None) ->
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     begin = time.perf_counter()
     connect_ray()
+    check_cluster(base, state)
     if state is None:
         state = start(given, sweep_dir)
     else:
@@ -178,19 +305,41 @@ def run(given: dict[str, Any], sweep_dir: Path, state: dict[str, Any] | None) ->
         print(f"resuming the sweep in {sweep_dir}")
     uri, parent = state["tracking_uri"], state["parent_run_id"]
 
-    grid = make_tuner(base, sweep_dir, state).fit()
-    # Ctrl+C ends fit() early without raising: trials left unfinished or never created
-    ended = grid.num_terminated + grid.num_errors
-    interrupted = ended < len(grid) or len(grid) < space.trial_count(cfg.search)
-    metrics, table = summary.collect(grid, base, keys, interrupted=interrupted)
-    written = summary.write_results(sweep_dir, metrics, table, title=f"{cfg.dataset}, {cfg.model}")
-    failed = int((table.status == "failed").sum())
-    status = "KILLED" if interrupted else ("FAILED" if failed == len(table) else "FINISHED")
-    tracking.finish_sweep_run(uri, parent, status, [*written, sweep_dir / SWEEP_STATE])
+    try:
+        with signals_seen() as seen, summary.errors_as_text():
+            grid = make_tuner(base, sweep_dir, state).fit()
+        # Ctrl+C ends fit() early without raising (see signals_seen); trials left unfinished or
+        # never created tell too, should the signal have gone unseen
+        ended = grid.num_terminated + grid.num_errors
+        interrupted = bool(seen & STOP_SIGNALS) or ended < len(grid)
+        interrupted = interrupted or len(grid) < space.trial_count(cfg.search)
+        metrics, table = summary.collect(grid, base, keys, interrupted=interrupted)
+        failed = int((table.status == "failed").sum())
+        stopped = int((table.status == "interrupted").sum())
+        print("\n" + summary.format_table(table))
+        print(f"\nsweep {cfg.name}: {len(table)} trials, {failed} failed"
+              + (f", {stopped} interrupted" if interrupted else "")
+              + f", {time.perf_counter() - begin:.1f}s")  # fmt: skip
+        try:
+            written = summary.write_results(
+                sweep_dir, metrics, table, title=f"{cfg.dataset}, {cfg.model}"
+            )
+        except summary.WriteFailed as e:
+            _end_runs(uri, state, "KILLED" if interrupted else "FAILED")
+            print(write_failed(e.path, e.error), file=sys.stderr)
+            return 1
+        status = "KILLED" if interrupted else ("FAILED" if failed == len(table) else "FINISHED")
+        outcomes = {t.trial_id: (t.status, t.error) for t in table.itertuples()}
+        tracking.settle_trial_runs(uri, state["experiment_id"], parent, outcomes)
+        try:
+            tracking.finish_sweep_run(uri, parent, status, [*written, sweep_dir / SWEEP_STATE])
+        except OSError as e:  # copying the artifacts into the MLflow store
+            print(write_failed(f"the artifacts of MLflow run {parent}", e), file=sys.stderr)
+            return 1
+    except KeyboardInterrupt:  # a second Ctrl+C, cutting short Tune's last save or the summary
+        _end_runs(uri, state, "KILLED")
+        return INTERRUPTED
 
-    print("\n" + summary.format_table(table))
-    print(f"\nsweep {cfg.name}: {len(table)} trials, {failed} failed, "
-          f"{time.perf_counter() - begin:.1f}s")  # fmt: skip
     print(f"results: {sweep_dir} (metrics.parquet, summary.csv)")
     for path in written:
         if path.suffix == ".png":
@@ -198,9 +347,18 @@ def run(given: dict[str, Any], sweep_dir: Path, state: dict[str, Any] | None) ->
     print(f"MLflow: {uri} (parent run {parent}); view with "
           f"`mlflow ui --backend-store-uri {uri}`")  # fmt: skip
     if interrupted:
-        print(f"sweep interrupted; continue it with --resume (results dir {sweep_dir.parent})")
-        return 130
+        return INTERRUPTED
     return 1 if len(table) and failed == len(table) else 0
+
+
+def resume_hint(argv: list[str], sweep_dir: Path) -> str:
+    """What to do after Ctrl+C: the command that was run, plus --resume when there is a sweep
+    to resume (Tune's state and sweep.json are written before its first trial starts)."""
+    if (sweep_dir / "tuner.pkl").is_file() and (sweep_dir / SWEEP_STATE).is_file():
+        again = [*argv, *([] if "--resume" in argv else ["--resume"])]
+        command = shlex.join([sys.executable, "-m", "fslsage.sweep", *again])
+        return f"fslsage: interrupted — continue with the same command plus --resume: {command}"
+    return "fslsage: interrupted before the sweep started; run the same command again"
 
 
 def _trial_id(trial: Any) -> str:
@@ -209,13 +367,23 @@ def _trial_id(trial: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
         given, sweep_dir, state = plan(args)
     except ConfigError as e:
         print(f"fslsage: config error: {e}", file=sys.stderr)
         return 2
-    return run(given, sweep_dir, state)
+    try:
+        code = run(given, sweep_dir, state)
+    except ConfigError as e:  # what only the cluster can tell: resources no node has
+        print(f"fslsage: config error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # before Tune took Ctrl+C over (Ray starting, the MLflow run)
+        code = INTERRUPTED
+    if code == INTERRUPTED:
+        print(resume_hint(argv, sweep_dir), file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

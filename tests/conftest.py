@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import pytest
 
+# Imported before any test captures output: Ray's log handlers keep the stream they find at
+# import, and a test's captured stream is closed once that test ends.
+import ray
+
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray instance for the whole test session (starting one costs seconds)."""
-    import ray
+    """One local Ray instance for the whole test session (starting one costs seconds), on
+    loopback only, as the project starts one."""
+    from actors.common import start_local_ray
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
+        start_local_ray(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False)
     yield ray
     if started:
         ray.shutdown()

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -22,7 +21,7 @@ from helpers import ROOT, demo_config
 
 from actors.channel import ChannelBroken, ClientChannel
 from actors.client_pool import ClientActor, owned_clients
-from actors.common import CoreClaim, DataBundle, loads, pack, unpack
+from actors.common import DataBundle, loads, pack, unpack
 from actors.runtime import RayRuntime, RemoteSServer
 from actors.s_server import RoundAborted
 from fslsage.algorithms.base import cut_gradient, loss_fn, server_step
@@ -33,7 +32,8 @@ METRICS = ["test_acc", "test_loss", "comm_gib", "sim_time_s"]
 
 @contextmanager
 def one_thread():
-    """The reference runs with one intra-op thread like each actor, so results are bit-equal."""
+    """A reference computed in this process runs with the config's one thread, like each actor
+    (the runtimes set it themselves), so results are bit-equal."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -43,8 +43,11 @@ def one_thread():
 
 
 def run_local(cfg, out: Path) -> pd.DataFrame:
-    with one_thread():
-        run_experiment(cfg, LocalRuntime(prepare(cfg)), out_dir=out, progress=None)
+    runtime = LocalRuntime(prepare(cfg))
+    try:
+        run_experiment(cfg, runtime, out_dir=out, progress=None)
+    finally:
+        runtime.close()
     return pd.read_parquet(out / "metrics.parquet")
 
 
@@ -85,8 +88,8 @@ def assert_same_metrics(a: pd.DataFrame, b: pd.DataFrame) -> None:
 def assert_local_evaluations(cfg, evaluations: list[tuple[float, float]]) -> None:
     """Each round's (test loss, accuracy) equals the in-process runtime's, to 1e-6."""
     local = LocalRuntime(prepare(cfg))
-    with one_thread():
-        expected = [(local.run_round(t), local.evaluate())[1] for t in range(1, cfg.rounds + 1)]
+    expected = [(local.run_round(t), local.evaluate())[1] for t in range(1, cfg.rounds + 1)]
+    local.close()
     flat = [x for pair in evaluations for x in pair]
     assert flat == pytest.approx([x for pair in expected for x in pair], abs=1e-6)
 
@@ -206,61 +209,6 @@ def test_client_shards_are_views_of_the_dataset_in_the_object_store(ray_session)
         assert x.stride() == reference.x.stride()
 
 
-def claim_in_thread(count: int, lock_dir=None) -> tuple[CoreClaim, set[int]]:
-    """A claim made by a new thread, and that thread's affinity right after (pinning applies to
-    the calling thread only, so the test's own thread stays free)."""
-    out = {}
-
-    def claim():
-        out["claim"] = CoreClaim(count, lock_dir)
-        out["affinity"] = os.sched_getaffinity(0)
-
-    thread = threading.Thread(target=claim)
-    thread.start()
-    thread.join()
-    return out["claim"], out["affinity"]
-
-
-def test_core_claims_pin_their_thread_and_never_share_a_core(tmp_path):
-    cores = os.sched_getaffinity(0)
-    first, affinity = claim_in_thread(1, tmp_path)
-    assert len(first.cores) == 1 and first.cores <= cores and affinity == first.cores
-    second, affinity = claim_in_thread(1, tmp_path)
-    if len(cores) > 1:
-        assert len(second.cores) == 1 and not second.cores & first.cores
-        assert affinity == second.cores
-    else:  # no free core: no claim, and the thread may run anywhere
-        assert second.cores == frozenset() and affinity == cores
-    too_many, affinity = claim_in_thread(len(cores), tmp_path)  # 1 or 2 are taken
-    assert too_many.cores == frozenset() and affinity == cores
-    assert claim_in_thread(0, tmp_path)[0].cores == frozenset()
-    first_cores = first.cores
-    first.release()
-    assert first.cores == frozenset()
-    again, _ = claim_in_thread(1, tmp_path)  # the released core is free again; nothing leaked
-    assert again.cores == first_cores
-    assert os.sched_getaffinity(0) == cores  # the test's own thread never moved
-
-
-def test_client_actors_run_on_cores_of_their_own(ray_session):
-    """One client actor per core, each pinned to a different one (see CoreClaim)."""
-    ray = ray_session
-    wanted = min(2, len(os.sched_getaffinity(0)))
-    deadline = time.time() + 60  # actors of earlier tests may still be exiting with their claims
-    while (probe := claim_in_thread(wanted)[0]).cores == frozenset() and time.time() < deadline:
-        time.sleep(0.5)
-    probe.release()
-    runtime = RayRuntime(prepare(demo_config(num_client_actors=2, rounds=1)))
-    try:
-        placed = [ray.get(a.where.remote())["cores"] for a in runtime.client_actors]
-    finally:
-        runtime.close()
-    if len(os.sched_getaffinity(0)) >= 2:
-        assert all(len(cores) == 1 for cores in placed) and placed[0] != placed[1], placed
-    else:  # one core: the second actor finds none free and is not pinned
-        assert sorted(map(len, placed)) == [1, 1] and placed[0] == placed[1], placed
-
-
 # ----------------------------------------------------------------------------- the S-Server
 def start_server(algorithm: str, batching: str, **overrides):
     cfg = demo_config(algorithm=algorithm, server_batching=batching, **overrides)
@@ -351,9 +299,9 @@ def test_the_same_node_channel_answers_like_the_server_and_breaks_with_it(ray_se
     z, y = smashed(prepared, 0, 16)
     pid = ray.get(server.where.remote())["pid"]
     try:
-        node, path = ray.get(server.channel.remote())
+        node, path, key = ray.get(server.channel.remote())
         assert node == ray.get_runtime_context().get_node_id()
-        channel = ClientChannel(path)
+        channel = ClientChannel(path, key)
         ray.get(server.begin_round.remote(2, 1, [0]))
         assert channel.request((1, 0, 0, "upload", pack((z, y)), []), answered=False) is None
         aligned = unpack(channel.request((1, 0, 1, "align", (), []), answered=True), "cpu")

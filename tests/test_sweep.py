@@ -258,7 +258,7 @@ def test_resume_finishes_an_interrupted_sweep_with_every_row_once(
         if proc.poll() is None:
             proc.kill()
     partial = pd.read_csv(results / "resume" / "summary.csv")
-    assert list(partial.status) == ["finished", "unfinished"]  # written on the way out
+    assert list(partial.status) == ["finished", "interrupted"]  # written on the way out
 
     assert sweep.main([*argv, "--resume"]) == 0
     metrics = pd.read_parquet(results / "resume" / "metrics.parquet")

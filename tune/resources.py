@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from actors import runtime as actors_runtime
-from fslsage.config import Config
+from fslsage.config import Config, search_choices
 
 
 def _nonzero(bundle: dict[str, float]) -> dict[str, float]:
@@ -40,6 +40,40 @@ def trial_bundles(cfg: Config, cluster: dict[str, float]) -> list[dict[str, floa
     replicas = cfg.server_replicas if cfg.server_mode == "stateless" and cfg.server_gpus else 0
     replica = {"GPU": cfg.server_gpus}
     return [{}, _nonzero(server)] + [dict(client) for _ in range(n)] + [replica] * replicas
+
+
+RESOURCE_KEYS = (
+    "runtime", "client_cpus", "client_gpus", "server_gpus", "server_accelerator",
+    "num_client_actors", "server_mode", "server_replicas",
+)  # fmt: skip
+
+
+def trial_demands(cfg: Config, cluster: dict[str, float]) -> list[actors_runtime.Demand]:
+    """`trial_bundles`, each with the config key that asks for each of its resources."""
+    bundles = trial_bundles(cfg, cluster)
+    demands = []
+    for index, bundle in enumerate(bundles):
+        is_client = cfg.runtime == "ray" and 2 <= index < 2 + client_actor_count(cfg, cluster)
+        keys = {name: "server_accelerator" for name in bundle if name.startswith("accelerator")}
+        keys |= {"CPU": "client_cpus", "GPU": "client_gpus" if is_client else "server_gpus"}
+        demands.append((keys, bundle))
+    return demands
+
+
+def check_trials_fit(base: dict[str, Any], cluster: dict[str, float]) -> None:
+    """Every trial's placement group fits the cluster (a ConfigError naming the key, else Tune
+    would leave the trial pending for ever): the base config, and each value the search block
+    gives a key that sizes the bundles."""
+    from tune.space import trial_config
+
+    search = base.get("search") or {}
+    variants = [trial_config(base, {})]
+    for key in RESOURCE_KEYS:
+        for value in search_choices(search.get(key)):
+            variants.append(trial_config(base, {key: value}))
+    nodes = actors_runtime.cluster_nodes()
+    for variant in variants:
+        actors_runtime.check_fits(trial_demands(variant, cluster), nodes)
 
 
 def pin_client_actors(cfg: Config, cluster: dict[str, float]) -> Config:

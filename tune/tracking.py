@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 from ray import tune
+from ray.tune.result import EXPR_ERROR_FILE
 
 from fslsage.config import flatten
 from tune.space import trial_config, trial_label
@@ -38,29 +40,51 @@ def resolve_tracking_uri(results_dir: Path) -> str:
     return uri
 
 
+UNREADABLE_ERROR = "unknown error: the trial's error.txt is missing or unreadable"
+# "pkg.module.Name: message", the last line of a traceback text: the module path is noise
+_QUALIFIED = re.compile(r"^(?:[A-Za-z_]\w*\.)+(?=[A-Za-z_]\w*(?::|$))")
+
+
 def error_reason(error: Any) -> str:
     """One line naming the root exception: Tune wraps a trial's error (RayTaskError, TuneError
     or a traceback text) around the one the experiment raised."""
     while getattr(error, "cause", None) is not None:
         error = error.cause
+    if error is None:
+        return UNREADABLE_ERROR
     if isinstance(error, str):  # a traceback text: its last line names the exception
         lines = [ln.strip() for ln in error.strip().splitlines() if ln.strip()]
-        return lines[-1] if lines else "unknown error"
+        return _QUALIFIED.sub("", lines[-1]) if lines else UNREADABLE_ERROR
     text = next((ln.strip() for ln in str(error).splitlines() if ln.strip()), "")
     name = type(error).__name__
     return f"{name}: {text}" if text else name
 
 
-def trial_error(trial: Any) -> Any:
-    """The error of a trial that just failed: Tune writes it next to the driver first and only
-    later syncs it to storage (where Trial.get_pickled_error looks)."""
-    import cloudpickle
+def read_error_text(path: str | Path | None) -> str | None:
+    """A trial's error.txt as text (undecodable bytes replaced; a file cut short by a full disk
+    is read as far as it goes), or None when it is missing, empty or unreadable."""
+    if not path:
+        return None
+    try:
+        text = Path(path).read_bytes().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    return text if text.strip() else None
 
-    for path, load in ((trial.pickled_error_file, lambda f: cloudpickle.loads(f.read_bytes())),
-                       (trial.error_file, lambda f: f.read_text())):  # fmt: skip
-        if path and Path(path).is_file():
-            return load(Path(path))
-    return trial.get_pickled_error() or trial.get_error()
+
+def trial_error(trial: Any) -> str:
+    """The error of a failed trial as the text Tune wrote to error.txt: next to the driver first,
+    later synced to storage (the trial's path). Never error.pkl: unpickling a file runs whatever
+    code the process that wrote it put there, and a full disk leaves it empty besides."""
+    for where in (lambda: trial.error_file, lambda: Path(trial.path, EXPR_ERROR_FILE)):
+        try:
+            path = where()
+        except (AttributeError, RuntimeError, TypeError):  # a trial never given a directory
+            continue
+        text = read_error_text(path)
+        if text is not None:
+            return text
+    return UNREADABLE_ERROR
 
 
 def _client(uri: str) -> Any:
@@ -105,11 +129,49 @@ def start_sweep_run(
 
 
 def finish_sweep_run(uri: str, run_id: str, status: str, artifacts: list[Path]) -> None:
+    """Ends the parent run with `status`, even when copying an artifact fails (a full disk:
+    the error is raised after), so that it is never left RUNNING."""
     client = _client(uri)
-    for path in artifacts:
-        if path.exists():
-            client.log_artifact(run_id, str(path))
-    client.set_terminated(run_id, status)
+    try:
+        for path in artifacts:
+            if path.exists():
+                client.log_artifact(run_id, str(path))
+    finally:
+        client.set_terminated(run_id, status)
+
+
+# a trial's status in summary.csv → its run's status in MLflow
+RUN_STATUS = {"finished": "FINISHED", "stopped": "FINISHED", "failed": "FAILED",
+              "interrupted": "KILLED"}  # fmt: skip
+
+
+def settle_trial_runs(
+    uri: str,
+    experiment_id: str,
+    parent_run_id: str,
+    outcomes: dict[str, tuple[str, str]],
+    leftover: str = "KILLED",
+) -> None:
+    """Ends each trial's run as the sweep's summary says ({trial id: (summary status, error)}):
+    Tune stops the running trials of an interrupted sweep without telling the callbacks, and a
+    trial whose results went missing ended FINISHED in the callbacks. A run still RUNNING with
+    no outcome (the sweep was cut short before its summary) ends `leftover`."""
+    client = _client(uri)
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+        max_results=50_000,
+    )  # fmt: skip
+    for run in runs:
+        outcome = outcomes.get(run.data.tags.get("trial_id", ""))
+        if outcome is None:
+            if run.info.status == "RUNNING":
+                client.set_terminated(run.info.run_id, leftover)
+            continue
+        status, error = RUN_STATUS[outcome[0]], outcome[1][:5000]
+        if error and run.data.tags.get("error") != error:
+            client.set_tag(run.info.run_id, "error", error)
+        if run.info.status != status:
+            client.set_terminated(run.info.run_id, status)
 
 
 def reopen_sweep_run(uri: str, run_id: str) -> None:
