@@ -138,12 +138,13 @@ def loads(blob: bytes, device: torch.device) -> Any:
 
 def assigned_resources() -> dict[str, Any]:
     """Where this actor runs and what Ray gave it (tests and diagnostics); `cores`: the cores
-    its main thread may run on."""
+    its main thread may run on, `threads`: torch's intra-op threads."""
     import ray
 
     ctx = ray.get_runtime_context()
     return {"node_id": ctx.get_node_id(), "resources": ctx.get_assigned_resources(),
-            "pid": os.getpid(), "cores": sorted(os.sched_getaffinity(0))}  # fmt: skip
+            "pid": os.getpid(), "cores": sorted(os.sched_getaffinity(0)),
+            "threads": torch.get_num_threads()}  # fmt: skip
 
 
 def start_local_ray(**init_kwargs: Any) -> None:

@@ -37,6 +37,7 @@ from collections.abc import Iterable
 import ray
 import torch
 
+from actors.common import start_local_ray
 from actors.runtime import RayRuntime
 from fslsage.config import load_config
 from fslsage.experiment import LocalRuntime, async_schedule, prepare
@@ -70,7 +71,7 @@ def main() -> None:
     cores = os.cpu_count() or 1
     # a Ray instance of its own, sized to this machine, even where a cluster is up: the figure
     # is this machine's
-    ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=cores, include_dashboard=False, log_to_driver=False)
     default_threads = torch.get_num_threads()
     thread_counts = sorted({default_threads, 1}, reverse=True)
     # seconds per turn of each paired run, by local thread count

@@ -17,7 +17,7 @@ import time
 import ray
 import torch
 
-from actors.common import DataBundle, pack
+from actors.common import DataBundle, pack, start_local_ray
 from actors.runtime import RemoteSServer
 from fslsage.config import load_config
 from fslsage.experiment import prepare
@@ -78,7 +78,7 @@ def main() -> None:
     cores = os.cpu_count() or 1
     # a Ray instance of its own, sized to this machine, even where a cluster is up: the figure
     # is this machine's
-    ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=cores, include_dashboard=False, log_to_driver=False)
     try:
         exact, _ = requests_per_second(prepared, "exact", args.clients, args.requests)
         coalesce, sizes = requests_per_second(prepared, "coalesce", args.clients, args.requests)

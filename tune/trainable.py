@@ -18,6 +18,7 @@ from typing import Any
 from ray import tune
 
 from fslsage.experiment import LocalRuntime, Runtime, prepare, run_experiment
+from fslsage.stateless import remove_gradient_store, run_gradient_store
 from tune.resources import pin_client_actors
 from tune.space import trial_config
 
@@ -70,8 +71,11 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], cluster: dict[str, f
         else:
             tune.report(row)
 
+    # temporary files (the gradient store) stay inside the trial's own folder of the sweep
+    cfg = run_gradient_store(cfg, tune.get_context().get_trial_dir())
     runtime = make_runtime(prepare(cfg))
     try:
         run_experiment(cfg, runtime, out_dir=None, progress=None, on_round=on_round)
     finally:
         runtime.close()
+        remove_gradient_store(cfg)
