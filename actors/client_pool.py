@@ -26,8 +26,8 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from actors.channel import ANSWERED, ChannelBroken, ClientChannel
 from actors.common import (
     DataBundle,
+    actor_device,
     assigned_resources,
-    cap_cuda_memory,
     dumps,
     loads,
     pack,
@@ -35,7 +35,6 @@ from actors.common import (
 )
 from fslsage.algorithms.base import Algorithm, ClientReport, State
 from fslsage.data import BatchStream
-from fslsage.experiment import resolve_device
 from fslsage.ledger import Ledger
 from fslsage.transport import RecordingLink, Send, run_client_round
 
@@ -60,8 +59,7 @@ class ClientActor:
     ):
         torch.set_num_threads(algo.cfg.threads)  # as the in-process runtime: the same sums
         self.algo, self.server = algo, server
-        self.device = resolve_device(algo.cfg)
-        cap_cuda_memory(self.device, gpu_fraction)
+        self.device = actor_device(algo.cfg, gpu_fraction, f"client actor of clients {cids}")
         self.shards = {cid: data.shard(cid, self.device) for cid in cids}
         self.clients = {
             cid: algo.new_client(cid, len(shard), self.device) for cid, shard in self.shards.items()

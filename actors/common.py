@@ -8,12 +8,15 @@ import io
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from torch.serialization import default_restore_location
 
+from fslsage.config import Config
 from fslsage.data import ClientShard
 from fslsage.data.base import DatasetInfo
 from fslsage.experiment import Prepared
@@ -89,10 +92,57 @@ class DataBundle:
         return self.test_x.tensor(), self.test_y.tensor()
 
 
+# A CUDA context (driver state, kernel images, cuBLAS/cuDNN handles: some hundreds of MiB, more
+# on big cards) lives outside the caching allocator that `set_per_process_memory_fraction` caps.
+# Every process on a card has one, so actors capped at exactly their shares (4 x 0.25) would ask
+# for the whole card plus 4 contexts and the last one to grow would fail with out-of-memory: each
+# cap leaves this much of its share for its own context.
+CUDA_CONTEXT_BYTES = 1 << 30
+
+
+def memory_fraction(gpu_fraction: float, total_bytes: int) -> float:
+    """The caching-allocator cap of an actor with `gpu_fraction` of a card of `total_bytes`:
+    its share less its CUDA context (`CUDA_CONTEXT_BYTES`), never below half its share (a small
+    share of a small card)."""
+    return max(gpu_fraction - CUDA_CONTEXT_BYTES / total_bytes, gpu_fraction / 2)
+
+
 def cap_cuda_memory(device: torch.device, gpu_fraction: float) -> None:
-    """An actor with a fractional GPU keeps to its share of the card's memory."""
+    """An actor with a fractional GPU keeps to its share of the card's memory (less its CUDA
+    context, see `memory_fraction`). `device` must name its card: cuda:<index>."""
     if device.type == "cuda" and 0 < gpu_fraction < 1:
-        torch.cuda.set_per_process_memory_fraction(gpu_fraction, device)
+        if device.index is None:
+            raise ValueError(f"cap_cuda_memory needs an indexed device (cuda:N), got {device}")
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(memory_fraction(gpu_fraction, total), device)
+
+
+def actor_device(cfg: Config, gpu_fraction: float, role: str) -> torch.device:
+    """The device of a process Ray started (an actor, a Tune trial), its memory capped to its
+    GPU share (`cap_cuda_memory`). `device: auto` is CUDA only where Ray assigned this process
+    GPUs (`ray.get_gpu_ids()`): Ray 2.60 leaves CUDA_VISIBLE_DEVICES as it finds it for a process
+    given none (unless RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1), so `torch.cuda.is_available()`
+    would be true there too and put the process, uncapped, on the node's first card, the one
+    another actor (the S-Server) may own. A CUDA device is indexed (cuda:N, the current one:
+    the card Ray assigned, as CUDA_VISIBLE_DEVICES numbers it), as the memory cap needs.
+    Where Ray assigned GPUs and CUDA does not start, a RuntimeError names `role` and the ids.
+    The in-process runtime resolves its device without Ray (`fslsage.experiment.resolve_device`).
+    """
+    import ray
+
+    gpu_ids = ray.get_gpu_ids()
+    if cfg.device == "cpu" or (cfg.device == "auto" and not gpu_ids):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise RuntimeError(
+            f"{role}: Ray assigned GPU ids {list(gpu_ids)} (device: {cfg.device}) but CUDA does "
+            f"not start in this process (torch.cuda.is_available() is False; "
+            f"CUDA_VISIBLE_DEVICES={visible!r}, torch built for CUDA {torch.version.cuda})"
+        )
+    device = torch.device("cuda", torch.cuda.current_device())
+    cap_cuda_memory(device, gpu_fraction)
+    return device
 
 
 def pack(obj: Any) -> Any:
@@ -132,8 +182,28 @@ def dumps(obj: Any) -> bytes:
     return buf.getvalue()
 
 
-def loads(blob: bytes, device: torch.device) -> Any:
-    return torch.load(io.BytesIO(blob), map_location=device, weights_only=False)
+def restore_location(device: torch.device | str) -> Callable[[Any, str], Any]:
+    """torch.load's map_location for a role object restored on `device`: a storage saved on a
+    GPU (any index: a restarted actor may be on another card) comes back on `device`, one saved
+    on the CPU stays there, as the role kept it. Some must: a `torch.Generator` pickles its
+    state as a CPU byte tensor and `Generator.__setstate__` takes no other (a plain
+    map_location=<cuda> fails every restore on a GPU), and optimizers keep e.g. Adam's step
+    counts on the CPU."""
+    target = str(device)
+
+    def restore(storage: Any, location: str) -> Any:
+        if location == "cpu":
+            return storage  # torch.load reads every storage into host memory first
+        return default_restore_location(storage, target)
+
+    return restore
+
+
+def loads(blob: bytes, device: torch.device | str) -> Any:
+    """A role object saved by `dumps`, restored on `device` (see `restore_location`): parameters
+    and optimizer state on the GPU come back on this actor's GPU, still shared between the
+    modules and their optimizers; generators and the CPU tensors stay on the CPU."""
+    return torch.load(io.BytesIO(blob), map_location=restore_location(device), weights_only=False)
 
 
 def assigned_resources() -> dict[str, Any]:

@@ -19,9 +19,8 @@ from typing import Any
 import ray
 import torch
 
-from actors.common import assigned_resources, cap_cuda_memory, pack, unpack
+from actors.common import actor_device, assigned_resources, pack, unpack
 from fslsage.algorithms.base import Algorithm, State
-from fslsage.experiment import resolve_device
 from fslsage.stateless import gradient_store_dir, replica_answer, save_record
 
 
@@ -29,8 +28,7 @@ class ServerReplica:
     def __init__(self, algo: Algorithm, reducer: Any, gpu_fraction: float = 0.0):
         torch.set_num_threads(algo.cfg.threads)  # as the in-process runtime: the same sums
         self.cfg = algo.cfg
-        self.device = resolve_device(self.cfg)
-        cap_cuda_memory(self.device, gpu_fraction)
+        self.device = actor_device(self.cfg, gpu_fraction, "S-Server replica")
         self.model = copy.deepcopy(algo.split.server).to(self.device)
         self.reducer = reducer
         self.store_dir = gradient_store_dir(self.cfg)

@@ -25,15 +25,18 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import ray
 import torch
 from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.util.placement_group import PlacementGroup, get_current_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.client_pool import ClientActor, owned_clients
 from actors.common import DataBundle, assigned_resources, start_local_ray
@@ -116,17 +119,113 @@ def connect(address: str | None = None) -> bool:
     return True
 
 
-def client_actor_count(cfg: Config, resources: dict[str, float], reserved_cpus: float = 0.0) -> int:
-    """`num_client_actors`, or as many as the CPUs left after `reserved_cpus` (and the GPUs left
-    after the S-Server's) hold: one per core by default. Never more than there are clients. (A
-    Tune trial reserves the S-Server's CPU and pins the result, see tune/resources.py.)"""
+EPS = 1e-9  # slack in resource arithmetic (Ray itself counts in units of 1e-4)
+
+
+def server_cpus(cfg: Config) -> float:
+    """The CPU the S-Server actor asks for: one where it works on a GPU (`server_gpus` > 0) — it
+    makes every host↔device copy of the run's activations and gradients, which stall behind a
+    client actor's training on a shared core — and none on a CPU-only run, where its compute
+    shares the client actors' cores: a core of its own would cost a client actor (one of the
+    two on the 2-core development machine). A Tune trial's S-Server bundle reserves one CPU
+    either way (tune/resources.py)."""
+    return 1.0 if cfg.server_gpus > 0 else 0.0
+
+
+def replica_bundles(cfg: Config) -> int:
+    """The stateless replicas that ask for resources (a GPU share each) and so get a bundle of
+    their own in a Tune trial; replicas without a GPU ask for nothing."""
+    return cfg.server_replicas if cfg.server_mode == "stateless" and cfg.server_gpus else 0
+
+
+def server_demand(cfg: Config, cpus: float | None = None) -> dict[str, float]:
+    """What the S-Server actor asks Ray for (`cpus`: instead of `server_cpus`)."""
+    need = {"CPU": server_cpus(cfg) if cpus is None else cpus, "GPU": cfg.server_gpus}
+    if cfg.server_accelerator:
+        need[f"accelerator_type:{cfg.server_accelerator}"] = 0.001
+    return need
+
+
+@dataclass
+class NodeLeft:
+    """What is left of one node as actors are placed on it, the way Ray places them: a GPU share
+    below 1 comes from one card (0.3 GPU per actor: 3 on a card, not 3.33), a whole number of
+    GPUs from as many whole free cards."""
+
+    cpus: float
+    cards: list[float]  # each GPU's free share
+    other: dict[str, float]
+
+    @classmethod
+    def of(cls, resources: Mapping[str, float]) -> NodeLeft:
+        gpus = float(resources.get("GPU", 0.0))
+        whole = int(gpus + EPS)
+        cards = [1.0] * whole + ([gpus - whole] if gpus - whole > EPS else [])
+        other = {k: float(v) for k, v in resources.items() if k not in ("CPU", "GPU")}
+        return cls(float(resources.get("CPU", 0.0)), cards, other)
+
+    def _cards_for(self, gpus: float) -> list[int] | None:
+        """The cards an actor asking for `gpus` GPUs would take (a share: the fullest card
+        that holds it); None where there is no room."""
+        if gpus <= 0:
+            return []
+        if gpus < 1:
+            fits = [i for i, free in enumerate(self.cards) if free + EPS >= gpus]
+            return [min(fits, key=self.cards.__getitem__)] if fits else None
+        whole = [i for i, free in enumerate(self.cards) if free + EPS >= 1.0]
+        n = math.ceil(gpus - EPS)
+        return whole[:n] if len(whole) >= n else None
+
+    def take(self, need: Mapping[str, float]) -> bool:
+        """Places one actor asking for `need` here, if it fits."""
+        gpus, cpus = need.get("GPU", 0.0), need.get("CPU", 0.0)
+        rest = {k: v for k, v in need.items() if k not in ("CPU", "GPU")}
+        cards = self._cards_for(gpus)
+        short = any(v > self.other.get(k, 0.0) + EPS for k, v in rest.items())
+        if cards is None or cpus > self.cpus + EPS or short:
+            return False
+        for i in cards:
+            self.cards[i] -= min(gpus, 1.0)
+        self.cpus -= cpus
+        for k, v in rest.items():
+            self.other[k] -= v
+        return True
+
+    def count(self, cpus: float, gpus: float) -> int:
+        """How many more actors of `cpus` CPUs (> 0) and `gpus` GPUs (at most 1) fit here."""
+        n = int((self.cpus + EPS) // cpus)
+        if 0 < gpus < 1:
+            n = min(n, sum(int((free + EPS) // gpus) for free in self.cards))
+        elif gpus >= 1:
+            n = min(n, sum(1 for free in self.cards if free + EPS >= 1.0))
+        return max(n, 0)
+
+
+def client_actor_count(
+    cfg: Config,
+    nodes: Sequence[Mapping[str, float]] | Mapping[str, float],
+    reserved_cpus: float | None = None,
+) -> int:
+    """`num_client_actors`, or as many as the cluster's `nodes` (their total resources; one
+    mapping: a single node) hold next to the S-Server and its GPU replicas: per node, by its CPUs
+    (one actor a core by default) and its cards (a GPU share comes from one card: 0.3 GPU fits
+    3 on a card). The S-Server goes on the node that leaves the most room. Never more than
+    there are clients, at least one. `reserved_cpus`: the S-Server's CPUs, if not
+    `server_cpus(cfg)` (a Tune trial reserves one either way and pins the result, see
+    tune/resources.py)."""
     n = cfg.num_client_actors
     if n == 0:
-        eps = 1e-9
-        n = int((resources.get("CPU", 1.0) - reserved_cpus + eps) // cfg.client_cpus)
-        if cfg.client_gpus > 0:
-            free = resources.get("GPU", 0.0) - cfg.server_gpus
-            n = min(n, int((free + eps) // cfg.client_gpus))
+        nodes = [nodes] if isinstance(nodes, Mapping) else list(nodes)
+        server, replica = server_demand(cfg, reserved_cpus), {"GPU": cfg.server_gpus}
+        fits = [0]
+        for at in range(len(nodes)):  # the S-Server on node `at`, the replicas where they fit
+            left = [NodeLeft.of(node) for node in nodes]
+            placed = left[at].take(server) and all(
+                any(node.take(replica) for node in left) for _ in range(replica_bundles(cfg))
+            )
+            if placed:
+                fits.append(sum(node.count(cfg.client_cpus, cfg.client_gpus) for node in left))
+        n = max(fits)
     return max(1, min(n, cfg.num_clients))
 
 
@@ -168,6 +267,29 @@ def check_fits(demands: list[Demand], nodes: list[dict[str, float]]) -> None:
                     keys[name], f"the run's actors ask for {used[name]:g} {_resource(name)} in "
                     f"all (at least), the cluster has {totals.get(name, 0.0):g}",
                 )  # fmt: skip
+    _check_cards(demands, nodes)
+
+
+def _check_cards(demands: list[Demand], nodes: list[dict[str, float]]) -> None:
+    """GPU shares below 1 each come from one card (`NodeLeft`): actors of share s fit at most
+    floor(1 / s) to a card, on the cards that actors asking for whole GPUs leave. (A bound that
+    holds whatever Ray's choices; shares of different sizes that do not pack together can still
+    leave an actor unplaced.)"""
+    cards = sum(len(NodeLeft.of(node).cards) for node in nodes)
+    cards -= sum(math.ceil(a.get("GPU", 0.0) - EPS) for _, a in demands if a.get("GPU", 0.0) >= 1)
+    shares: dict[float, tuple[int, str]] = {}
+    for keys, amounts in demands:
+        share = amounts.get("GPU", 0.0)
+        if 0 < share < 1:
+            n, _ = shares.get(share, (0, keys["GPU"]))
+            shares[share] = (n + 1, keys["GPU"])
+    for share, (n, key) in shares.items():
+        per_card = int((1.0 + EPS) // share)
+        if n > max(cards, 0) * per_card:
+            raise ConfigError(
+                key, f"{n} actors ask for {share:g} GPU each: a share comes from one card, "
+                f"{per_card} to a card, and the cluster has {max(cards, 0)} cards for them",
+            )  # fmt: skip
 
 
 def _resource(name: str) -> str:
@@ -176,10 +298,9 @@ def _resource(name: str) -> str:
 
 def actor_demands(cfg: Config, num_client_actors: int) -> list[Demand]:
     """What the runtime's actors ask Ray for: the S-Server, the client actors, the replicas."""
-    server = {"GPU": cfg.server_gpus}
-    keys = {"GPU": "server_gpus", "CPU": "client_cpus"}
+    server = server_demand(cfg)
+    keys = {"GPU": "server_gpus", "CPU": "server_gpus"}  # its CPU: where it has a GPU
     if cfg.server_accelerator:
-        server[f"accelerator_type:{cfg.server_accelerator}"] = 0.001
         keys[f"accelerator_type:{cfg.server_accelerator}"] = "server_accelerator"
     client = ({"CPU": "client_cpus", "GPU": "client_gpus"},
               {"CPU": cfg.client_cpus, "GPU": cfg.client_gpus})  # fmt: skip
@@ -187,8 +308,58 @@ def actor_demands(cfg: Config, num_client_actors: int) -> list[Demand]:
     return [
         (keys, server),
         *[client] * num_client_actors,
-        *[(keys, {"GPU": cfg.server_gpus})] * replicas,
+        *[({"GPU": "server_gpus"}, {"GPU": cfg.server_gpus})] * replicas,
     ]
+
+
+@dataclass
+class TrialBundles:
+    """Which bundle of a Tune trial's placement group each actor takes. tune/resources.py
+    reserves [{} (the trial), S-Server, client actor 0, 1, …, GPU replicas…]; Tune drops the
+    empty head bundle from the group it makes (the trial runs on bundle 0 with no resources),
+    so the S-Server's bundle is the first after the head's, where the head is there at all.
+    Each actor is started on its own bundle: left to Ray, a client actor can take the
+    S-Server's bundle (its CPU and GPU), and the S-Server then waits for ever."""
+
+    group: PlacementGroup
+    server: int  # the S-Server's bundle; client actor k's is server + 1 + k
+    clients: int
+    replicas: int  # replica bundles, after the client actors'
+
+    def index(self, role: str, i: int = 0) -> int | None:
+        """The bundle of `role`'s actor i ("server", "client", "replica"); None for a replica
+        beyond those reserved (one added later: Ray places it in the group)."""
+        if role == "server":
+            return self.server
+        if role == "client":
+            return self.server + 1 + i
+        return self.server + 1 + self.clients + i if i < self.replicas else None
+
+    @classmethod
+    def current(cls, cfg: Config, num_client_actors: int) -> TrialBundles | None:
+        """The bundles of the placement group this process runs in (None outside one, e.g. in
+        `fslsage.run`); a RuntimeError where they are not a trial's of `cfg`."""
+        group = get_current_placement_group()
+        if group is None:
+            return None
+        specs = group.bundle_specs
+        replicas = replica_bundles(cfg)
+        server = len(specs) - (1 + num_client_actors + replicas)  # 0: Tune dropped the head
+        placed = cls(group, server, num_client_actors, replicas)
+        asks = [(server, server_demand(cfg))]
+        client = {"CPU": cfg.client_cpus, "GPU": cfg.client_gpus}
+        asks += [(placed.index("client", k), client) for k in range(num_client_actors)]
+        asks += [(placed.index("replica", j), {"GPU": cfg.server_gpus}) for j in range(replicas)]
+        if server not in (0, 1) or any(
+            v > specs[i].get(k, 0.0) + EPS for i, need in asks for k, v in need.items()
+        ):
+            raise RuntimeError(
+                f"the placement group this runtime starts in has the bundles {specs}; a trial of "
+                f"this config reserves one for the S-Server ({server_demand(cfg)}), one for each "
+                f"of {num_client_actors} client actors and {replicas} for GPU replicas "
+                "(tune/resources.py)"
+            )
+        return placed
 
 
 @dataclass
@@ -240,26 +411,31 @@ class RayRuntime:
                                    "actors (or device: auto)")  # fmt: skip
         self.cfg, self.algo = cfg, algo
         self.started_ray = connect(address)
-        n = client_actor_count(cfg, ray.cluster_resources())
+        nodes = cluster_nodes()
+        n = client_actor_count(cfg, nodes)
         try:  # before any actor starts: one that cannot be placed would wait for ever
-            check_fits(actor_demands(cfg, n), cluster_nodes())
-        except ConfigError:
+            check_fits(actor_demands(cfg, n), nodes)
+            self.bundles = TrialBundles.current(cfg, n)
+        except (ConfigError, RuntimeError):
             self._shutdown_ray()
             raise
         self.algo_ref = ray.put(algo)
         self.data_ref = ray.put(DataBundle.of(prepared))
         self.owned = owned_clients(cfg.num_clients, n)
         self.server = RemoteSServer.options(
-            num_cpus=0,  # leaves every core to a client actor; on a GPU it works on the GPU
+            num_cpus=server_cpus(cfg),
             num_gpus=cfg.server_gpus,
             accelerator_type=cfg.server_accelerator or None,
+            **self._in_bundle("server"),
         ).remote(self.algo_ref, self.data_ref, cfg.server_batching, cfg.max_batch,
                  cfg.max_wait_ms, cfg.server_gpus)  # fmt: skip
         self.client_actors = [
-            RemoteClientActor.options(num_cpus=cfg.client_cpus, num_gpus=cfg.client_gpus).remote(
-                self.algo_ref, self.data_ref, cids, self.server, cfg.client_gpus
-            )
-            for cids in self.owned
+            RemoteClientActor.options(
+                num_cpus=cfg.client_cpus,
+                num_gpus=cfg.client_gpus,
+                **self._in_bundle("client", k),
+            ).remote(self.algo_ref, self.data_ref, cids, self.server, cfg.client_gpus)
+            for k, cids in enumerate(self.owned)
         ]
         self.aggregator = RemoteAggregator.options(num_cpus=0).remote(self.algo_ref)
         self.replicas: list[Any] = []  # server_mode stateless: the S-Server's replicas
@@ -287,6 +463,15 @@ class RayRuntime:
         if cfg.checkpoint_every:
             self._checkpoint(first_round(cfg) - 1)  # the state before the first round
 
+    def _in_bundle(self, role: str, i: int = 0) -> dict[str, Any]:
+        """The options that start `role`'s actor i on its bundle of the trial's placement group
+        (`TrialBundles`); none outside a placement group: Ray places it."""
+        index = None if self.bundles is None else self.bundles.index(role, i)
+        if index is None:
+            return {}
+        strategy = PlacementGroupSchedulingStrategy(self.bundles.group, index)
+        return {"scheduling_strategy": strategy}
+
     def _wait_until_started(self) -> None:
         """Every actor up (their errors raised here, not in round 1), or a clear error when the
         cluster cannot place them."""
@@ -299,7 +484,8 @@ class RayRuntime:
             kind = f" ({cfg.server_accelerator})" if cfg.server_accelerator else ""
             raise RuntimeError(
                 f"actors not started after {PLACEMENT_TIMEOUT_S:.0f} s: the S-Server asks for "
-                f"{cfg.server_gpus} GPU{kind}, {len(self.client_actors)} client actors for "
+                f"{server_cpus(cfg):g} CPU and {cfg.server_gpus} GPU{kind}, "
+                f"{len(self.client_actors)} client actors for "
                 f"{cfg.client_cpus} CPU and {cfg.client_gpus} GPU each; the cluster has "
                 f"{ray.cluster_resources()}"
             )
@@ -308,9 +494,11 @@ class RayRuntime:
     def add_replica(self) -> Any:
         """One more stateless S-Server replica (server_mode: stateless), at any time: it takes
         the published weights, and clients use it from their next round."""
-        replica = RemoteReplica.options(num_cpus=0, num_gpus=self.cfg.server_gpus).remote(
-            self.algo_ref, self.server, self.cfg.server_gpus
-        )
+        replica = RemoteReplica.options(
+            num_cpus=0,
+            num_gpus=self.cfg.server_gpus,
+            **self._in_bundle("replica", len(self.replicas)),
+        ).remote(self.algo_ref, self.server, self.cfg.server_gpus)
         ray.get(self.server.register_replica.remote(replica))
         self.replicas.append(replica)
         return replica

@@ -49,8 +49,8 @@ from torch import Tensor
 from actors.channel import ANSWERED, new_key, serve
 from actors.common import (
     DataBundle,
+    actor_device,
     assigned_resources,
-    cap_cuda_memory,
     dumps,
     loads,
     pack,
@@ -60,7 +60,7 @@ from fslsage.algorithms.base import IGNORE_INDEX, Algorithm, Server, State, loss
 from fslsage.algorithms.cse_fsl import UploadServer
 from fslsage.algorithms.fsl_sage import AligningServer, true_cut_gradient
 from fslsage.algorithms.splitfed_v2 import SharedServer
-from fslsage.experiment import evaluate, evaluation_steps, resolve_device
+from fslsage.experiment import evaluate, evaluation_steps
 from fslsage.stateless import StatelessServer
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,8 @@ def _upload_batch(server: Server, reqs: list[Request]) -> list[Any]:
         for r in reqs:
             z, y = r.args
             eager = server.cfg.align_targets == "eager"
-            extra = (true_cut_gradient(server.model, z, y),) if eager else ()
+            mode = server.cfg.align_target_mode
+            extra = (true_cut_gradient(server.model, z, y, mode),) if eager else ()
             server.buffers[r.cid].append(z, y, *extra)
     loss, _, _ = coalesced_step(server.model, server.opt, *_zy(reqs))
     server.log("server_loss", loss)
@@ -167,8 +168,7 @@ class SServer:
             raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
         torch.set_num_threads(algo.cfg.threads)  # as the in-process runtime: the same sums
         self.algo, self.cfg = algo, algo.cfg
-        self.device = resolve_device(self.cfg)
-        cap_cuda_memory(self.device, gpu_fraction)
+        self.device = actor_device(self.cfg, gpu_fraction, "S-Server")
         self.server = algo.new_server(self.device)
         if self.server is not None:  # shared once (gas's logit adjustment)
             self.server.set_label_counts(data.label_counts)

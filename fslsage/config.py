@@ -55,7 +55,14 @@ class Config:
     align_buffer_size: int = 1000
     align_epochs: int = 100
     align_batch_size: int = 1000
-    align_lr: float = 1e-3
+    # the auxiliary models' own optimizer (the reference's: Adam 1e-3, no weight decay), for
+    # cse_fsl's client-side steps and fsl_sage's alignment alike
+    aux_optimizer: Literal["adam", "sgd"] = "adam"
+    aux_lr: float = 1e-3
+    aux_weight_decay: float = 0.0
+    # fsl_sage's alignment targets ∂L/∂z: the server in train mode (the reference: BN over the
+    # buffer, running statistics updated) or eval mode (no side effects)
+    align_target_mode: Literal["train", "eval"] = "train"
     align_targets: Literal["lazy", "eager"] = "lazy"
     # stateless (sl, splitfed_v2): replicas answer from published weights, a reducer steps
     server_mode: Literal["stateful", "stateless"] = "stateful"
@@ -119,7 +126,7 @@ _TYPES = get_type_hints(Config)
 FIELD_TYPES = _TYPES  # key → annotated type, for the sweep's search-space translation
 
 # Range rules for numeric keys, checked after types.
-_POSITIVE = ("alpha", "lr", "align_lr", "comm_budget_gib", "client_cpus", "server_gflops")
+_POSITIVE = ("alpha", "lr", "aux_lr", "comm_budget_gib", "client_cpus", "server_gflops")
 _AT_LEAST_ONE = (
     "num_clients", "rounds", "local_epochs", "batch_size", "eval_batch_size", "shards_per_client",
     "server_update_interval", "align_interval", "align_buffer_size", "align_epochs",
@@ -127,8 +134,8 @@ _AT_LEAST_ONE = (
     "server_replicas", "threads",
 )  # fmt: skip
 _NON_NEGATIVE = (
-    "weight_decay", "client_gpus", "server_gpus", "max_wait_ms", "checkpoint_every",
-    "num_client_actors", "per_label", "active_clients", "sync_every",
+    "weight_decay", "aux_weight_decay", "client_gpus", "server_gpus", "max_wait_ms",
+    "checkpoint_every", "num_client_actors", "per_label", "active_clients", "sync_every",
 )  # fmt: skip
 
 MAX_ROUNDS = 100_000  # far beyond any paper run; a typo like 10**12 must not plan for ever

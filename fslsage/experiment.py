@@ -53,9 +53,12 @@ class TrainingDiverged(RuntimeError):
 
 
 def resolve_device(cfg: Config) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
+    """The in-process runtime's device, outside Ray: `auto` is CUDA where CUDA is available.
+    A CUDA device is indexed (the current card), as e.g. a memory cap needs it. (A process Ray
+    started resolves its device with `actors.common.actor_device`, from what Ray assigned it.)"""
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 @dataclass
@@ -170,13 +173,15 @@ class LocalRuntime:
     """Everything in this process, clients one after another in client-id order: the reference
     semantics and the overhead baseline for the Ray runtime."""
 
-    def __init__(self, prepared: Prepared):
+    def __init__(self, prepared: Prepared, device: torch.device | None = None):
+        """`device`: where to compute; by default `resolve_device` (a Tune trial passes the
+        device Ray's assignment gives it)."""
         cfg, algo = prepared.cfg, prepared.algorithm
         self.prepared, self.algo, self.cfg = prepared, algo, cfg
         # the thread count of every Ray actor too: sums reduce in the same order in both runtimes
         self.threads_before = torch.get_num_threads()
         torch.set_num_threads(cfg.threads)
-        self.device = resolve_device(cfg)
+        self.device = resolve_device(cfg) if device is None else device
         self.shards = [prepared.shard(cid, self.device) for cid in range(cfg.num_clients)]
         self.clients = [
             algo.new_client(cid, len(s), self.device) for cid, s in enumerate(self.shards)

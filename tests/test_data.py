@@ -78,7 +78,9 @@ def write_fmnist(root: Path, gz: bool) -> dict[str, np.ndarray]:
 
 # ----------------------------------------------------------------------------- datasets
 def test_registry_lists_every_dataset_and_partition():
-    assert DATASETS.names() == ["cifar10", "cifar100", "cinic10", "digits", "e2e", "fmnist"]
+    assert DATASETS.names() == [
+        "cifar10", "cifar100", "cinic10", "digits", "e2e", "fmnist", "synthetic",
+    ]  # fmt: skip
     assert PARTITIONS.names() == ["dirichlet", "iid", "shards"]
     with pytest.raises(UnknownNameError, match="did you mean 'cifar10'"):
         describe_dataset("cifar-10")

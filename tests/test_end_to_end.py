@@ -47,4 +47,4 @@ def test_gpt2_lora_on_e2e_files(tmp_path, algorithm):
     client = runtime.clients[0].parts["client_model"]
     assert set(communicated_state(client)) == set(runtime.global_weights["client_model"])
     if algorithm == "fsl_sage":
-        assert df.align_loss.iloc[-1] > 0
+        assert df.align_loss.iloc[0] > 0  # round 1 aligns

@@ -72,7 +72,7 @@ def hand_computed(algorithm: str, t: int, bytes_: dict[str, int], l: int = 10) -
             ("client_model", "down"): client,
             ("client_model", "up"): client,
         }
-        if t % l == 0:
+        if (t - 1) % l == 0:  # the first round and every l-th after (the reference's t % l, t ≥ 0)
             out[("aux_model", "down")] = aux
     return out
 
@@ -91,8 +91,8 @@ def test_paper_ledger_matches_hand_computed_bytes(algorithm, resnet_bytes):
 def test_fsl_sage_aux_download_only_on_alignment_rounds(resnet_bytes):
     ledger = planned_ledger(paper_config(algorithm="fsl_sage", rounds=30))
     aux_rounds = [t for t in ledger.rounds() if "aux_model" in ledger.round_summary(t)["by_kind"]]
-    assert aux_rounds == [10, 20, 30]
-    assert ledger.round_summary(20)["by_kind"]["aux_model"] == {
+    assert aux_rounds == [1, 11, 21]
+    assert ledger.round_summary(21)["by_kind"]["aux_model"] == {
         "up": 0,
         "down": 10 * resnet_bytes["aux"],
     }

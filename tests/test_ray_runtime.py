@@ -489,7 +489,7 @@ import json, ray
 from helpers import demo_config
 from fslsage.experiment import prepare
 from actors.runtime import RayRuntime
-ray.init(address="local", num_cpus=2, num_gpus=3, include_dashboard=False, log_to_driver=False)
+ray.init(address="local", num_cpus=3, num_gpus=3, include_dashboard=False, log_to_driver=False)
 cfg = demo_config(client_gpus=0.25, client_cpus=0.25, server_gpus=1.0)
 runtime = RayRuntime(prepare(cfg))
 placement = runtime.placement()
@@ -501,12 +501,13 @@ ray.shutdown()
 
 def test_logical_gpus_place_fractional_clients_and_a_whole_gpu_server():
     # 8 clients x 0.25 GPU + the S-Server's whole GPU need 3 GPUs (2 would leave the server
-    # unplaced); the default actor count is what the CPUs and GPUs hold: 8.
+    # unplaced); the default actor count is what the CPUs (2 left by the S-Server's one: it
+    # works on a GPU) and GPUs hold: 8.
     out = run_script(GPU_SCRIPT)
     clients = out["placement"]["clients"]
     assert len(clients) == 8
     assert all(c["resources"] == {"CPU": 0.25, "GPU": 0.25} for c in clients)
-    assert out["placement"]["server"]["resources"].get("GPU") == 1.0
+    assert out["placement"]["server"]["resources"] == {"CPU": 1.0, "GPU": 1.0}
     assert out["available"].get("GPU", 0.0) == pytest.approx(0.0, abs=1e-6)
 
 

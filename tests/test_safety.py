@@ -103,9 +103,10 @@ def test_check_fits_places_per_node_and_counts_the_whole_cluster():
     nodes = [{"CPU": 2.0}, {"CPU": 4.0, "GPU": 1.0, "accelerator_type:A100": 1.0}]
     cfg = demo_config(runtime="ray", server_gpus=1.0, client_cpus=1.0,
                       server_accelerator="A100")  # fmt: skip
-    check_fits(actor_demands(cfg, 6), nodes)  # the S-Server on the GPU node, 6 of 6 CPUs
+    # the S-Server (one CPU: it works on a GPU) on the GPU node and 5 clients: 6 of 6 CPUs
+    check_fits(actor_demands(cfg, 5), nodes)
     with pytest.raises(ConfigError, match=r"^client_cpus: .*7 CPU in all.*has 6"):
-        check_fits(actor_demands(cfg, 7), nodes)
+        check_fits(actor_demands(cfg, 6), nodes)
     with pytest.raises(ConfigError, match=r"^client_cpus: one actor asks for 5 CPU"):
         check_fits(actor_demands(cfg.replace(client_cpus=5.0), 1), nodes)
     with pytest.raises(ConfigError, match=r"^server_accelerator: .*H100 accelerator"):

@@ -129,16 +129,21 @@ def test_fsl_sage_alignment_rounds_cost_the_server_more():
     uploaded = sum(
         min(32, n - k * 32) for n in clock.client_samples for k in range(0, math.ceil(n / 32), 5)
     )
-    assert clock.server_seconds(1) * 10e12 == pytest.approx(uploaded * costs.server_model)
-    # round 2 opens with alignment on round 1's uploads: a target for each, then 5 epochs
-    align = uploaded * costs.server_model + 5 * uploaded * 2 * costs.aux_model
-    assert clock.server_seconds(2) * 10e12 == pytest.approx((uploaded * costs.server_model) + align)
+    first = 32 * len(clock.client_samples)  # every client's first batch
+    step = uploaded * costs.server_model
+
+    def alignment(buffered: int) -> float:  # a target for each buffered sample, then 5 epochs
+        return buffered * costs.server_model + 5 * buffered * 2 * costs.aux_model
+
+    # round 1 aligns after each client's first upload: its buffer holds that batch
+    assert clock.server_seconds(1) * 10e12 == pytest.approx(step + alignment(first))
+    assert clock.server_seconds(2) * 10e12 == pytest.approx(step)  # no alignment
+    # round 3 aligns on rounds 1 and 2's uploads and its own first batch
+    assert clock.server_seconds(3) * 10e12 == pytest.approx(step + alignment(2 * uploaded + first))
     eager = planned_clock(cfg.replace(align_targets="eager"))
-    # eager computes each target once at upload, lazy the whole buffer at every alignment:
-    # equal on the first, then lazy recomputes rounds 1 .. 3's targets at round 4
-    assert eager.server_seconds(1) > clock.server_seconds(1)
-    assert eager.server_seconds(2) == pytest.approx(clock.server_seconds(2))
-    assert eager.server_seconds(4) < clock.server_seconds(4)
+    # eager computes each target once at upload, lazy the whole buffer at every alignment
+    assert eager.server_seconds(2) > clock.server_seconds(2)
+    assert eager.server_seconds(3) < clock.server_seconds(3)
 
 
 def test_a_slow_client_sets_the_pace_of_the_round():

@@ -33,9 +33,17 @@ def test_warm_start_needs_an_auxiliary_model(changes, culprit):
 def test_round_zero_is_a_cse_fsl_round_and_hands_its_aux_model_on():
     """fsl_sage with a warm start: round 0 trains client and aux models on the local loss and
     averages both; round 1 sends the averaged aux model down to every client, and the
-    S-Server's copies start from it too."""
-    cfg = demo_config(warm_start=True, rounds=1, align_interval=5)  # no alignment in round 1
+    S-Server's copies start from it too: round 1 aligns them from there."""
+    cfg = demo_config(warm_start=True, rounds=1, align_interval=5)
     runtime = LocalRuntime(prepare(cfg))
+    aligned_from = []  # the aux state each alignment starts from
+    align = runtime.server.align
+
+    def spy(aux, *args):
+        aligned_from.append(clone_state(aux.state_dict()))
+        return align(aux, *args)
+
+    runtime.server.align = spy
     initial_aux = clone_state(runtime.clients[0].parts["aux_model"].state_dict())
     assert set(runtime.global_weights) == {"client_model", "aux_model"}  # cse_fsl's parts
 
@@ -48,18 +56,21 @@ def test_round_zero_is_a_cse_fsl_round_and_hands_its_aux_model_on():
 
     round1 = runtime.run_round(1)
     assert set(runtime.global_weights) == {"client_model"}  # fsl_sage averages no aux model
-    for client in runtime.clients:  # fsl_sage never trains a client's aux model
+    assert len(aligned_from) == cfg.num_clients
+    for start in aligned_from:  # every S-Server copy was aligned from the warm aux model
+        for key, value in start.items():
+            assert torch.equal(value, warm_aux[key])
+    for client, aux in zip(runtime.clients, runtime.server.aux, strict=True):
+        # the client uses the aligned model it got, and never trains it
         for key, value in client.parts["aux_model"].state_dict().items():
-            assert torch.equal(value, warm_aux[key])
-    for aux in runtime.server.aux:
-        for key, value in aux.state_dict().items():
-            assert torch.equal(value, warm_aux[key])
+            assert torch.equal(value, aux.state_dict()[key])
     kinds = Ledger()
     kinds.merge(round1.ledger)
     by_kind = kinds.round_summary(1)["by_kind"]
     assert by_kind["aux_model"].get("up", 0) == 0
     aux_bytes = state_bytes(warm_aux)
-    assert by_kind["aux_model"]["down"] == cfg.num_clients * aux_bytes  # once per client
+    # per client: the warm aux model with the global weights, then the aligned one
+    assert by_kind["aux_model"]["down"] == 2 * cfg.num_clients * aux_bytes
 
 
 def test_a_warm_started_run_reports_round_zero_and_matches_its_dry_run(tmp_path):
@@ -72,12 +83,14 @@ def test_a_warm_started_run_reports_round_zero_and_matches_its_dry_run(tmp_path)
     gib = pd.Series([r["up_bytes"] + r["down_bytes"] for r in plan]).cumsum() / 2**30
     assert df["comm_gib"].tolist() == pytest.approx(gib.tolist(), rel=1e-12)
     assert df["sim_time_s"].tolist() == pytest.approx([r["sim_time_s"] for r in plan])
-    # the warm round costs what a cse_fsl round costs; round 1 adds the aux model going down
+    # the warm round costs what a cse_fsl round costs; round 1 adds the warm aux model going
+    # down (before the aligned one, as in a cold round 1)
     cse = planned_rounds(cfg.replace(algorithm="cse_fsl", rounds=1, warm_start=False))[0]
     assert plan[0]["up_bytes"] == cse["up_bytes"] and plan[0]["down_bytes"] == cse["down_bytes"]
     cold = planned_rounds(cfg.replace(warm_start=False, rounds=1))[0]
-    aux_down = plan[1]["by_kind"]["aux_model"]["down"]
-    assert aux_down > 0 and plan[1]["down_bytes"] == cold["down_bytes"] + aux_down
+    aux_down = cold["by_kind"]["aux_model"]["down"]
+    assert aux_down > 0 and plan[1]["by_kind"]["aux_model"]["down"] == 2 * aux_down
+    assert plan[1]["down_bytes"] == cold["down_bytes"] + aux_down
 
 
 def test_warm_start_of_cse_fsl_is_one_more_cse_fsl_round():

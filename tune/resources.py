@@ -1,11 +1,15 @@
 """What one trial reserves: a Tune PlacementGroupFactory sized from the trial's own config.
 
 `runtime: local` runs the whole experiment in the trial process: one bundle {CPU: 1} (plus
-`server_gpus` GPUs if asked). `runtime: ray` reserves what the actors it starts will ask for:
-an empty head bundle for the trial (the F-Server loop only waits on actors), one bundle for the
-S-Server {CPU: 1, GPU: server_gpus}, one per client actor {CPU: client_cpus, GPU: client_gpus}
-and, in stateless mode on GPUs, one per S-Server replica {GPU: server_gpus}. Tune captures the
-actors into the trial's placement group, so concurrent trials never oversubscribe the cluster.
+`server_gpus` GPUs if asked; the trial computes on CUDA only with them, `actors.common.
+actor_device`). `runtime: ray` reserves what the actors it starts will ask for: an empty head
+bundle for the trial (the F-Server loop only waits on actors), one bundle for the S-Server
+{CPU: 1, GPU: server_gpus} (its CPU reserved on a CPU-only run too, where it computes on the
+CPU), one per client actor {CPU: client_cpus, GPU: client_gpus} and, in stateless mode on GPUs,
+one per S-Server replica {GPU: server_gpus}. The runtime starts each actor on its own bundle
+(`actors.runtime.TrialBundles`), so concurrent trials never oversubscribe the cluster and no
+actor takes another's bundle. Client actors are counted per card (`client_actor_count`): the
+cluster size a sweep records is its totals, taken as one node.
 """
 
 from __future__ import annotations
@@ -21,23 +25,25 @@ def _nonzero(bundle: dict[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in bundle.items() if v}
 
 
+TRIAL_SERVER_CPUS = 1.0  # the S-Server bundle's CPU
+
+
 def client_actor_count(cfg: Config, cluster: dict[str, float]) -> int:
-    """Client actors that fit the cluster next to the S-Server bundle (one CPU). The trial pins
-    the result into its config so the actors it starts match the bundles reserved for them."""
-    return actors_runtime.client_actor_count(cfg, cluster, reserved_cpus=1.0)
+    """Client actors that fit the cluster next to the S-Server bundle (one CPU) and the GPU
+    replicas', GPU shares packed per card. The trial pins the result into its config so the
+    actors it starts match the bundles reserved for them."""
+    return actors_runtime.client_actor_count(cfg, cluster, reserved_cpus=TRIAL_SERVER_CPUS)
 
 
 def trial_bundles(cfg: Config, cluster: dict[str, float]) -> list[dict[str, float]]:
     """Placement-group bundles of one trial; the first is the trial process's own."""
     if cfg.runtime == "local":
         return [_nonzero({"CPU": 1.0, "GPU": cfg.server_gpus})]
-    server = {"CPU": 1.0, "GPU": cfg.server_gpus}
-    if cfg.server_accelerator:
-        server[f"accelerator_type:{cfg.server_accelerator}"] = 0.001
+    server = actors_runtime.server_demand(cfg, cpus=TRIAL_SERVER_CPUS)
     client = _nonzero({"CPU": cfg.client_cpus, "GPU": cfg.client_gpus})
     n = client_actor_count(cfg, cluster)
-    # stateless replicas take no CPU (like the S-Server) but a GPU share each, if it has one
-    replicas = cfg.server_replicas if cfg.server_mode == "stateless" and cfg.server_gpus else 0
+    # stateless replicas take no CPU but a GPU share each, if the S-Server has one
+    replicas = actors_runtime.replica_bundles(cfg)
     replica = {"GPU": cfg.server_gpus}
     return [{}, _nonzero(server)] + [dict(client) for _ in range(n)] + [replica] * replicas
 

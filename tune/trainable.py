@@ -42,7 +42,11 @@ def make_runtime(prepared: Any) -> Runtime:
         from actors.runtime import RayRuntime
 
         return RayRuntime(prepared)
-    return LocalRuntime(prepared)
+    from actors.common import actor_device
+
+    # on CUDA only with the GPU share the trial reserved (tune/resources.py), capped to it
+    cfg = prepared.cfg
+    return LocalRuntime(prepared, device=actor_device(cfg, cfg.server_gpus, "Tune trial"))
 
 
 def run_trial(params: dict[str, Any], base: dict[str, Any], cluster: dict[str, float]) -> None:

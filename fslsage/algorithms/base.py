@@ -47,13 +47,20 @@ def loss_fn(logits: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
     return total / (flat_y != IGNORE_INDEX).sum().clamp(min=1)
 
 
-def make_optimizer(
-    module: nn.Module, cfg: Config, lr: float | None = None, weight_decay: float | None = None
-) -> torch.optim.Optimizer:
+def make_optimizer(module: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """The optimizer of a client or server model: `optimizer`, `lr`, `weight_decay`."""
+    return _optimizer(module, cfg.optimizer, cfg.lr, cfg.weight_decay)
+
+
+def aux_optimizer(module: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """An auxiliary model's own optimizer, as in the reference code (Adam 1e-3, no weight decay
+    by default): `aux_optimizer`, `aux_lr`, `aux_weight_decay`."""
+    return _optimizer(module, cfg.aux_optimizer, cfg.aux_lr, cfg.aux_weight_decay)
+
+
+def _optimizer(module: nn.Module, name: str, lr: float, wd: float) -> torch.optim.Optimizer:
     params = [p for p in module.parameters() if p.requires_grad]
-    lr = cfg.lr if lr is None else lr
-    wd = cfg.weight_decay if weight_decay is None else weight_decay
-    if cfg.optimizer == "sgd":
+    if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
     return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), weight_decay=wd)
 
@@ -257,7 +264,10 @@ class Algorithm:
         return Client(
             cid=cid,
             parts=parts,
-            optimizers={k: make_optimizer(m, self.cfg) for k, m in parts.items()},
+            optimizers={
+                k: (aux_optimizer if k == "aux_model" else make_optimizer)(m, self.cfg)
+                for k, m in parts.items()
+            },
             generator=client_generator(self.cfg.seed, cid, device),
             num_samples=num_samples,
         )

@@ -1,11 +1,12 @@
 """FSL-SAGE (Nair et al., ICML 2025): Federated Split Learning via Smashed Activation Gradient
 Estimation.
 
-Client i, round t (Algorithm 1):
-    if t % l == 0: receive the aligned auxiliary model x_a,i from the S-Server
+Client i, round t = 1, 2, … (Algorithm 1):
     for each local iteration k:
         z = x_c,i(x)
         if k % q == 0: upload (z, y)                         # no answer comes back
+        if k == 0 and (t − 1) % l == 0:                      # the first round, every l-th after
+            receive the aligned auxiliary model x_a,i from the S-Server
         ĝ = ∂ NLL(x_a,i(z), y) / ∂z                          # estimated cut-layer gradient
         z.backward(ĝ); step x_c,i                             # the client never uses a local loss
 S-Server (Algorithm 3, lazy):
@@ -16,10 +17,16 @@ F-Server (Algorithm 2): average client models. Auxiliary models are per client, 
 Warm start (optional): round 0 is one round of CSE-FSL; its averaged aux model goes down to every
 client with round 1's global model, and the S-Server's copies start from it too.
 
+As in the authors' code (github srijith1996/FSL-SAGE), which counts rounds from 0 and aligns
+when t % l == 0: a client aligns in its first round, after its first upload and the server's
+step on it (the buffer holds that batch), so it never trains against a random aux head.
+
 Both ĝ and g are per-sample gradients here (sum reduction), so their scale does not depend on
-the batch size; the client's step uses ĝ of the batch-mean loss like every other algorithm.
-Targets are computed with the server in eval mode: a per-sample gradient that does not depend on
-which other samples share the batch, and that leaves the server's BN statistics untouched.
+the batch size (the reference's targets scale with 1/buffer and its estimates with 1/batch,
+which agree only when the two are equal); the client's step uses ĝ of the batch-mean loss like
+every other algorithm. The targets are computed with the server in train mode by default, as the
+reference does (BN normalises over the buffer and updates its running statistics);
+`align_target_mode: eval` uses the running statistics and changes nothing.
 """
 
 from __future__ import annotations
@@ -37,11 +44,12 @@ from fslsage.algorithms.base import (
     ComputeCosts,
     ServerLink,
     TrafficSizes,
+    aux_optimizer,
     clone_state,
     cut_gradient,
     exchange_traffic,
+    first_round,
     loss_fn,
-    make_optimizer,
     upload_count,
     uploads,
 )
@@ -49,10 +57,17 @@ from fslsage.algorithms.cse_fsl import UploadServer
 from fslsage.models import communicated_state
 
 
-def true_cut_gradient(server_model: torch.nn.Module, z: Tensor, y: Tensor) -> Tensor:
-    """Per-sample ∂ NLL(x_s(z), y) / ∂z with the server in eval mode (no side effects)."""
+def aligns(cfg, t: int) -> bool:
+    """Whether round t aligns: the first FSL-SAGE round (round 1; round 0 is a warm start's
+    cse_fsl round) and every l-th after it, as the reference's t % l == 0 counting from 0."""
+    return t >= 1 and (t - 1) % cfg.align_interval == 0
+
+
+def true_cut_gradient(server_model: torch.nn.Module, z: Tensor, y: Tensor, mode: str) -> Tensor:
+    """Per-sample ∂ NLL(x_s(z), y) / ∂z with the server in `mode`: "train" (BN over these
+    samples, its running statistics updated) or "eval" (no side effects)."""
     was_training = server_model.training
-    server_model.eval()
+    server_model.train(mode == "train")
     try:
         return cut_gradient(server_model, z, y, reduction="sum")
     finally:
@@ -84,15 +99,14 @@ class AligningServer(UploadServer):
         super().__init__(model, cfg, num_clients)
         device = next(model.parameters()).device
         self.aux = [copy.deepcopy(aux_init).to(device) for _ in range(num_clients)]
-        self.aux_opts = [
-            make_optimizer(a, cfg, lr=cfg.align_lr, weight_decay=0.0) for a in self.aux
-        ]
+        self.aux_opts = [aux_optimizer(a, cfg) for a in self.aux]
         self.buffers = [FifoBuffer(cfg.align_buffer_size) for _ in range(num_clients)]
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed + 7919)
 
     def on_upload(self, cid, z, y):
         if self.cfg.align_targets == "eager":  # targets from the server the upload met
-            self.buffers[cid].append(z, y, true_cut_gradient(self.model, z, y))
+            g = true_cut_gradient(self.model, z, y, self.cfg.align_target_mode)
+            self.buffers[cid].append(z, y, g)
         else:
             self.buffers[cid].append(z, y)
         super().on_upload(cid, z, y)
@@ -106,7 +120,8 @@ class AligningServer(UploadServer):
         buffer, aux, opt = self.buffers[cid], self.aux[cid], self.aux_opts[cid]
         if len(buffer) > 0:
             z, y, *stored = buffer.tensors
-            g = stored[0] if stored else true_cut_gradient(self.model, z, y)
+            mode = self.cfg.align_target_mode
+            g = stored[0] if stored else true_cut_gradient(self.model, z, y, mode)
             first, last = self.align(aux, opt, z, y, g)
             self.log("align_loss_before", first)
             self.log("align_loss", last)
@@ -143,14 +158,14 @@ class FSLSAGE(Algorithm):
     def train_round(self, client: Client, batches: Batches, server: ServerLink, t: int):
         net, aux = client.parts["client_model"], client.parts["aux_model"]
         opt = client.optimizers["client_model"]
-        q, l = self.cfg.server_update_interval, self.cfg.align_interval
-        if t % l == 0:
-            aux.load_state_dict(server.aligned_aux(), strict=False)
+        q, aligning = self.cfg.server_update_interval, aligns(self.cfg, t)
         losses = []
         for k, (x, y) in enumerate(batches):
             z = net(x)
             if k % q == 0:
                 server.upload(z.detach(), y)
+            if k == 0 and aligning:  # after the first upload and the server's step on it
+                aux.load_state_dict(server.aligned_aux(), strict=False)
             z_leaf = z.detach().requires_grad_(True)
             aux_loss = loss_fn(aux(z_leaf), y)
             (g_hat,) = torch.autograd.grad(aux_loss, z_leaf)  # the estimate of ∂L/∂z
@@ -161,13 +176,12 @@ class FSLSAGE(Algorithm):
         return torch.stack(losses).mean()
 
     def server_requests(self, t: int, batch_sizes: list[int]) -> int:
-        aligns = t % self.cfg.align_interval == 0
-        return upload_count(batch_sizes, self.cfg.server_update_interval) + aligns
+        return upload_count(batch_sizes, self.cfg.server_update_interval) + aligns(self.cfg, t)
 
     def planned_batch_traffic(self, t: int, batch_sizes: list[int], sizes: TrafficSizes):
         out = exchange_traffic(uploads(batch_sizes, self.cfg.server_update_interval), sizes,
                                gradients=False)  # fmt: skip
-        if t % self.cfg.align_interval == 0:
+        if aligns(self.cfg, t):
             out.append(("aux_model", "down", sizes.part_bytes["aux_model"]))
         return out
 
@@ -181,9 +195,11 @@ class FSLSAGE(Algorithm):
         server = uploaded * costs.server_model
         if cfg.align_targets == "eager":
             server += uploaded * costs.server_model
-        if t % cfg.align_interval == 0:
-            # alignment opens round t: the FIFO holds the uploads of rounds 1 .. t − 1
-            buffered = min(cfg.align_buffer_size, (t - 1) * uploaded)
+        if aligns(cfg, t):
+            # after round t's first upload: the FIFO holds the earlier rounds' uploads (a warm
+            # start's round 0 included) and that first batch
+            earlier = t - first_round(cfg)
+            buffered = min(cfg.align_buffer_size, earlier * uploaded + batch_sizes[0])
             if cfg.align_targets == "lazy":
                 server += buffered * costs.server_model
             server += cfg.align_epochs * buffered * 2 * costs.aux_model

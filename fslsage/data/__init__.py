@@ -8,7 +8,7 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
-from fslsage.data import cifar, cinic, digits, e2e, fmnist  # noqa: F401  (they register)
+from fslsage.data import cifar, cinic, digits, e2e, fmnist, synthetic  # noqa: F401  (they register)
 from fslsage.data.base import (
     CLASSIFICATION,
     LANGUAGE_MODELING,
@@ -52,8 +52,11 @@ __all__ = [
 
 
 def _check_args(name: str, fn, dataset_args: dict) -> None:
-    """Name the dataset and its accepted options instead of a bare TypeError from deep inside."""
+    """Name the dataset and its accepted options instead of a bare TypeError from deep inside.
+    A dataset that takes **kwargs (synthetic: they go to its `like` dataset) checks them itself."""
     params = inspect.signature(fn).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
     unknown = sorted(set(dataset_args) - set(params))
     if unknown:
         allowed = [p for p in params if p not in ("data_dir", "download")]
