@@ -20,7 +20,6 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import Any
 
 import ray
-import torch
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from actors.channel import ANSWERED, ChannelBroken, ClientChannel
@@ -35,6 +34,7 @@ from actors.common import (
 )
 from fslsage.algorithms.base import Algorithm, ClientReport, State
 from fslsage.data import BatchStream
+from fslsage.experiment import apply_compute_settings
 from fslsage.ledger import Ledger
 from fslsage.transport import RecordingLink, Send, run_client_round
 
@@ -57,7 +57,7 @@ class ClientActor:
         gpu_fraction: float = 0.0,
         channel: bool = True,
     ):
-        torch.set_num_threads(algo.cfg.threads)  # as the in-process runtime: the same sums
+        apply_compute_settings(algo.cfg)  # as the in-process runtime: the same sums
         self.algo, self.server = algo, server
         self.device = actor_device(algo.cfg, gpu_fraction, f"client actor of clients {cids}")
         self.shards = {cid: data.shard(cid, self.device) for cid in cids}

@@ -214,7 +214,8 @@ def assigned_resources() -> dict[str, Any]:
     ctx = ray.get_runtime_context()
     return {"node_id": ctx.get_node_id(), "resources": ctx.get_assigned_resources(),
             "pid": os.getpid(), "cores": sorted(os.sched_getaffinity(0)),
-            "threads": torch.get_num_threads()}  # fmt: skip
+            "threads": torch.get_num_threads(),
+            "deterministic": torch.are_deterministic_algorithms_enabled()}  # fmt: skip
 
 
 def start_local_ray(**init_kwargs: Any) -> None:

@@ -17,16 +17,16 @@ import os
 from typing import Any
 
 import ray
-import torch
 
 from actors.common import actor_device, assigned_resources, pack, unpack
 from fslsage.algorithms.base import Algorithm, State
+from fslsage.experiment import apply_compute_settings
 from fslsage.stateless import gradient_store_dir, replica_answer, save_record
 
 
 class ServerReplica:
     def __init__(self, algo: Algorithm, reducer: Any, gpu_fraction: float = 0.0):
-        torch.set_num_threads(algo.cfg.threads)  # as the in-process runtime: the same sums
+        apply_compute_settings(algo.cfg)  # as the in-process runtime: the same sums
         self.cfg = algo.cfg
         self.device = actor_device(self.cfg, gpu_fraction, "S-Server replica")
         self.model = copy.deepcopy(algo.split.server).to(self.device)

@@ -60,7 +60,7 @@ from fslsage.algorithms.base import IGNORE_INDEX, Algorithm, Server, State, loss
 from fslsage.algorithms.cse_fsl import UploadServer
 from fslsage.algorithms.fsl_sage import AligningServer, true_cut_gradient
 from fslsage.algorithms.splitfed_v2 import SharedServer
-from fslsage.experiment import evaluate, evaluation_steps
+from fslsage.experiment import apply_compute_settings, evaluate, evaluation_steps
 from fslsage.stateless import StatelessServer
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,7 @@ class SServer:
     ):
         if batching not in BATCHING:
             raise ValueError(f"batching must be one of {BATCHING}, got {batching!r}")
-        torch.set_num_threads(algo.cfg.threads)  # as the in-process runtime: the same sums
+        apply_compute_settings(algo.cfg)  # as the in-process runtime: the same sums
         self.algo, self.cfg = algo, algo.cfg
         self.device = actor_device(self.cfg, gpu_fraction, "S-Server")
         self.server = algo.new_server(self.device)

@@ -91,6 +91,9 @@ class Config:
     # client actor, the S-Server and its replicas. One count for both runtimes, because the
     # thread count changes how reductions are summed, so the runtimes agree only with the same
     threads: int = 1
+    # on a GPU: deterministic cuDNN/cuBLAS kernels and no TF32 in every process that computes,
+    # so the runtimes agree there as they do on the CPU; off: cuDNN picks its fastest kernels
+    deterministic: bool = False
     runtime: Literal["local", "ray"] = "local"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     client_gpus: float = 0.0

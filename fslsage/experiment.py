@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
@@ -59,6 +60,47 @@ def resolve_device(cfg: Config) -> torch.device:
     if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())
+
+
+@dataclass(frozen=True)
+class ComputeSettings:
+    """The process-wide torch settings a run computes with (`apply_compute_settings`)."""
+
+    threads: int
+    deterministic: bool
+    cudnn_deterministic: bool
+    cudnn_benchmark: bool
+    matmul_tf32: bool
+    cudnn_tf32: bool
+
+    @classmethod
+    def current(cls) -> ComputeSettings:
+        cudnn = torch.backends.cudnn
+        return cls(torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+                   cudnn.deterministic, cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+                   cudnn.allow_tf32)  # fmt: skip
+
+    def apply(self) -> None:
+        torch.set_num_threads(self.threads)
+        # warn_only: an op without a deterministic kernel warns instead of stopping the run
+        torch.use_deterministic_algorithms(self.deterministic, warn_only=True)
+        torch.backends.cudnn.deterministic = self.cudnn_deterministic
+        torch.backends.cudnn.benchmark = self.cudnn_benchmark
+        torch.backends.cuda.matmul.allow_tf32 = self.matmul_tf32
+        torch.backends.cudnn.allow_tf32 = self.cudnn_tf32
+
+
+def apply_compute_settings(cfg: Config) -> ComputeSettings:
+    """Sets what every process that computes sets before it computes — the in-process runtime
+    and every Ray actor alike, so their sums reduce the same way: `threads` torch threads and,
+    with `deterministic`, deterministic kernels and no TF32 (else cuDNN benchmarks its kernels
+    and keeps the fastest). Returns the settings before, to put back (`ComputeSettings.apply`)."""
+    before = ComputeSettings.current()
+    if cfg.deterministic:  # cuBLAS reads it when it starts: set before any CUDA work
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    det = cfg.deterministic
+    ComputeSettings(cfg.threads, det, det, not det, False, not det).apply()
+    return before
 
 
 @dataclass
@@ -178,9 +220,7 @@ class LocalRuntime:
         device Ray's assignment gives it)."""
         cfg, algo = prepared.cfg, prepared.algorithm
         self.prepared, self.algo, self.cfg = prepared, algo, cfg
-        # the thread count of every Ray actor too: sums reduce in the same order in both runtimes
-        self.threads_before = torch.get_num_threads()
-        torch.set_num_threads(cfg.threads)
+        self.settings_before = apply_compute_settings(cfg)  # as every Ray actor does
         self.device = resolve_device(cfg) if device is None else device
         self.shards = [prepared.shard(cid, self.device) for cid in range(cfg.num_clients)]
         self.clients = [
@@ -241,7 +281,7 @@ class LocalRuntime:
         return evaluate(model, ds.test_x, ds.test_y, ds.info, self.cfg.eval_batch_size, self.device)
 
     def close(self) -> None:
-        torch.set_num_threads(self.threads_before)
+        self.settings_before.apply()
 
 
 def progress_line(cfg: Config, row: dict) -> str:

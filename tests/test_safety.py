@@ -120,18 +120,20 @@ def test_check_fits_places_per_node_and_counts_the_whole_cluster():
 
 
 # ----------------------------------------------------------------------------- threads
-def test_both_runtimes_compute_with_the_configs_threads(ray_session):
-    before = torch.get_num_threads()
-    cfg = demo_config(threads=2, rounds=1, num_client_actors=2)
+def test_both_runtimes_compute_with_the_configs_threads_and_determinism(ray_session):
+    before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
+    cfg = demo_config(threads=2, deterministic=True, rounds=1, num_client_actors=2)
     local = LocalRuntime(prepare(cfg))
-    assert torch.get_num_threads() == 2
-    local.close()
-    assert torch.get_num_threads() == before
+    assert torch.get_num_threads() == 2 and torch.are_deterministic_algorithms_enabled()
+    assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+    local.close()  # the process's own settings come back
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == before
     runtime = RayRuntime(prepare(cfg))
     try:
         ray = ray_session
         actors = [runtime.server, *runtime.client_actors]
-        assert [ray.get(a.where.remote())["threads"] for a in actors] == [2, 2, 2]
+        seen = [ray.get(a.where.remote()) for a in actors]
+        assert [(w["threads"], w["deterministic"]) for w in seen] == [(2, True)] * 3
     finally:
         runtime.close()
 
