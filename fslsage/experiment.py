@@ -163,7 +163,10 @@ def evaluation_steps(
     was_training = model.training
     model.eval()
     try:
-        total_loss, correct, count = 0.0, 0, 0
+        # sums stay on the device: one sync at the end, not three per batch
+        total_loss = torch.zeros((), dtype=torch.float64, device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        count = torch.zeros((), dtype=torch.int64, device=device)
         for start in range(0, len(x), batch_size):
             if start:  # a pause between batches; the last one's step also returns the result
                 yield
@@ -171,10 +174,11 @@ def evaluation_steps(
             yb = y[start : start + batch_size].to(device)
             logits = model(xb)
             mask = yb != IGNORE_INDEX
-            total_loss += loss_fn(logits, yb, reduction="sum").item()
-            correct += ((logits.argmax(-1) == yb) & mask).sum().item()
-            count += mask.sum().item()
-        return total_loss / max(count, 1), correct / max(count, 1)
+            total_loss += loss_fn(logits, yb, reduction="sum").double()
+            correct += ((logits.argmax(-1) == yb) & mask).sum()
+            count += mask.sum()
+        n = max(int(count), 1)
+        return float(total_loss) / n, int(correct) / n
     finally:
         model.train(was_training)
 

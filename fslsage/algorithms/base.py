@@ -174,7 +174,9 @@ class Server:
 
     def end_round(self, t: int) -> dict[str, float]:
         """Round-end work inside the S-Server; returns the round's server metrics (then reset)."""
-        out = {k: float(torch.tensor(v).mean()) for k, v in self.metrics.items() if v}
+        # the one sync of the round's metrics with the device (tensors logged on it)
+        out = {k: float(torch.stack([torch.as_tensor(x).double().cpu() for x in v]).mean())
+               for k, v in self.metrics.items() if v}  # fmt: skip
         self.metrics = {}
         return out
 
@@ -185,8 +187,12 @@ class Server:
     def eval_model(self) -> nn.Module:
         return self.model
 
-    def log(self, name: str, value: float) -> None:
-        self.metrics.setdefault(name, []).append(float(value))
+    def log(self, name: str, value: float | Tensor) -> None:
+        """A metric of one request, kept as given until `end_round` averages the round's: a
+        tensor stays on its device, so a request never waits for the device to finish."""
+        self.metrics.setdefault(name, []).append(
+            value.detach() if torch.is_tensor(value) else value
+        )
 
 
 @dataclass(frozen=True)

@@ -127,23 +127,25 @@ class AligningServer(UploadServer):
             self.log("align_loss", last)
         return clone_state(communicated_state(aux))
 
-    def align(self, aux, opt, z: Tensor, y: Tensor, g: Tensor) -> tuple[float, float]:
+    def align(self, aux, opt, z: Tensor, y: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
         """Fit aux so its cut-layer gradient matches the server's: min Σ ‖ĝ − g‖².
-        Returns the mean loss of the first and of the last epoch."""
+        Returns the mean loss of the first and of the last epoch, as tensors on the device (no
+        sync with it per batch)."""
         aux.train()
-        epoch_losses = []
-        for _ in range(self.cfg.align_epochs):
+        first = last = torch.zeros((), device=z.device)
+        for epoch in range(self.cfg.align_epochs):
             order = torch.randperm(len(z), generator=self.generator, device=z.device)
-            total = 0.0
+            total = torch.zeros((), dtype=torch.float64, device=z.device)
             for idx in order.split(self.cfg.align_batch_size):
                 g_hat = cut_gradient(aux, z[idx], y[idx], reduction="sum", create_graph=True)
                 loss = (g_hat - g[idx]).pow(2).flatten(1).sum(1).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total += loss.item() * len(idx)
-            epoch_losses.append(total / len(z))
-        return epoch_losses[0], epoch_losses[-1]
+                total += loss.detach() * len(idx)
+            last = total / len(z)
+            first = last if epoch == 0 else first
+        return first, last
 
 
 @ALGORITHMS.register("fsl_sage")
