@@ -173,7 +173,8 @@ class SServer:
         if self.server is not None:  # shared once (gas's logit adjustment)
             self.server.set_label_counts(data.label_counts)
         self.info = data.info
-        self.test_x, self.test_y = data.test_set()
+        # on the evaluating device once, as stored (uint8 images): no copy per evaluation
+        self.test_x, self.test_y = (t.to(self.device) for t in data.test_set())
         self.batching, self.max_batch, self.max_wait = batching, max_batch, max_wait_ms / 1000
         self.queue: asyncio.Queue[Request] | None = None
         self.worker: asyncio.Task | None = None

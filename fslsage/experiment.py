@@ -227,6 +227,8 @@ class LocalRuntime:
         self.settings_before = apply_compute_settings(cfg)  # as every Ray actor does
         self.device = resolve_device(cfg) if device is None else device
         self.shards = [prepared.shard(cid, self.device) for cid in range(cfg.num_clients)]
+        ds = prepared.dataset  # the test set on the evaluating device once, as stored (uint8)
+        self.test_x, self.test_y = ds.test_x.to(self.device), ds.test_y.to(self.device)
         self.clients = [
             algo.new_client(cid, len(s), self.device) for cid, s in enumerate(self.shards)
         ]
@@ -281,8 +283,8 @@ class LocalRuntime:
     def evaluate(self) -> tuple[float, float]:
         server_model = self.server.eval_model() if self.server is not None else None
         model = self.algo.eval_module(self.global_weights, server_model, self.device)
-        ds = self.prepared.dataset
-        return evaluate(model, ds.test_x, ds.test_y, ds.info, self.cfg.eval_batch_size, self.device)
+        return evaluate(model, self.test_x, self.test_y, self.prepared.info,
+                        self.cfg.eval_batch_size, self.device)  # fmt: skip
 
     def close(self) -> None:
         self.settings_before.apply()

@@ -3,6 +3,7 @@ themselves are measured with `make bench`, never asserted here)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -35,3 +36,36 @@ def test_overhead_bench_prints_the_steady_state_and_the_whole_run_ratio():
 def test_server_batching_bench_prints_its_ratio():
     lines = run_bench("bench/server_batching.py", "--clients", "4", "--requests", "5")
     assert re.fullmatch(r"coalesce/exact requests/s: \d+\.\d\d", lines[-1]), lines[-3:]
+
+
+def test_paper_round_bench_prints_its_table_and_figures():
+    lines = run_bench("bench/paper_round.py", "--algorithms", "fsl_sage",
+                      "--set", "dataset_args.num_train=80", "--set", "dataset_args.num_test=16",
+                      "--set", "num_clients=2", "--set", "align_buffer_size=16",
+                      "--set", "align_batch_size=16")  # fmt: skip
+    report = json.loads(lines[-1])
+    assert any(line.startswith("fsl_sage     local ") for line in lines), lines
+    assert any("coalesce / exact" in line for line in lines), lines
+    assert report["full"] is False and report["num_train"] == 80
+    sage = report["results"]["fsl_sage"]
+    for runtime in ("local", "ray_exact", "ray_coalesce"):
+        row = sage[runtime]
+        assert len(row["round_s"]) == 2 and all(s > 0 for s in row["round_s"]), row
+        assert row["samples_per_s"] > 0 and row["samples_per_round"] == 80
+        assert row["peak_mem_mb"] > 0
+    assert sage["ray_exact"]["startup_s"] > 0
+    assert sage["ray_speedup"] > 0 and sage["coalesce_vs_exact"] > 0
+    assert set(report["goals"]) == {"fsl_sage_full_round_s_on_h100_h200", "ray_speedup_on_gpu"}
+
+
+def test_gpu_check_on_cpu_prints_one_json_object_with_every_part_ok():
+    lines = run_bench("bench/gpu_check.py", "--cpu")
+    report = json.loads(lines[-1])
+    parts = ["environment", "fractional_gpu", "recovery", "parity", "paper_round"]
+    assert all(report[p]["ok"] for p in parts), {p: report[p] for p in parts}
+    assert report["ok"] and report["mode"] == "cpu"
+    assert report["environment"]["ray"] and report["environment"]["cluster_resources"]["CPU"] > 0
+    assert [row["round"] for row in report["fractional_gpu"]["metrics"]] == [1, 2, 3]
+    assert report["recovery"]["restarted"] and report["recovery"]["max_metric_diff"] <= 1e-6
+    assert report["parity"]["fsl_sage"]["equal"]
+    assert report["paper_round"]["results"]["fsl_sage"]["local"]["samples_per_s"] > 0
