@@ -60,7 +60,7 @@ def tiny_config(cpu: bool, **changes: Any) -> Config:
         gpu = {"device": "cpu", "server_gpus": 0.0, "client_gpus": 0.0}
     else:
         gpu = {"device": "cuda", "server_gpus": 0.5, "client_gpus": 0.25, "deterministic": True}
-    return cfg.replace(algorithm="fsl_sage", **gpu, **changes)
+    return cfg.replace(**{"algorithm": "fsl_sage", **gpu, **changes})
 
 
 def run_local(cfg: Config) -> list[dict[str, float]]:

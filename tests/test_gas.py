@@ -58,6 +58,22 @@ def test_generated_activations_follow_the_label_gaussian():
     assert torch.allclose(torch.cov(drawn.T), mix.T @ mix, atol=0.05)
 
 
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_labels_are_drawn_together_each_from_its_own_gaussian(diagonal):
+    """One batched factorisation for every label that needs samples, the rows label by label."""
+    g = torch.Generator().manual_seed(3)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, -10.0]])
+    y = torch.randint(0, 3, (3000,), generator=g)
+    z = torch.randn(3000, 2, generator=g) * torch.tensor([1.0, 2.0]) + centres[y]
+    stats = ActivationStats(3, 2, diagonal, torch.device("cpu"))
+    stats.update(z, y)
+    drawn = stats.sample_labels([4000, 0, 6000], torch.Generator().manual_seed(4))
+    assert drawn.shape == (10000, 2)
+    for block, c in ((drawn[:4000], 0), (drawn[4000:], 2)):
+        assert block.mean(0) == pytest.approx(centres[c].tolist(), abs=0.1)
+        assert block.std(0) == pytest.approx([1.0, 2.0], abs=0.1)
+
+
 def make_server(**cfg_changes) -> GenerativeServer:
     cfg = gas_config(**cfg_changes)
     torch.manual_seed(0)

@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fslsage.algorithms import ALGORITHMS
@@ -59,7 +60,8 @@ FULL_COVARIANCE_MAX_DIM = 1024
 
 class ActivationStats:
     """Label-wise running mean and covariance (or its diagonal) of flattened activations, merged
-    batch by batch (Chan et al.'s parallel update), and samples drawn from those Gaussians."""
+    batch by batch (Chan et al.'s parallel update), and samples drawn from those Gaussians. Every
+    label is updated, and factored, at once: no loop over labels, no sync with the device."""
 
     def __init__(self, num_classes: int, dim: int, diagonal: bool, device: torch.device):
         self.diagonal = diagonal
@@ -69,27 +71,49 @@ class ActivationStats:
         self.scatter = torch.zeros(shape, device=device)  # Σ (x − mean)(x − mean)ᵀ
 
     def update(self, z: Tensor, y: Tensor) -> None:
-        for c in y.unique().tolist():
-            x = z[y == c]
-            m, batch_mean = len(x), x.mean(0)
-            centred = x - batch_mean
-            batch_scatter = centred.pow(2).sum(0) if self.diagonal else centred.T @ centred
-            n = self.count[c]
-            delta = batch_mean - self.mean[c]
-            total = n + m
-            self.mean[c] += delta * (m / total)
-            spread = delta.pow(2) if self.diagonal else torch.outer(delta, delta)
-            self.scatter[c] += batch_scatter + spread * (n * m / total)
-            self.count[c] = total
+        onehot = F.one_hot(y, len(self.count)).to(z.dtype)  # (N, labels)
+        m = onehot.sum(0)
+        batch_mean = (onehot.T @ z) / m.clamp(min=1)[:, None]
+        centred = z - batch_mean[y]
+        if self.diagonal:
+            batch_scatter = onehot.T @ centred.pow(2)
+        else:  # per label: Σ over its rows of centred centredᵀ
+            batch_scatter = (onehot.T[:, :, None] * centred[None]).transpose(1, 2) @ centred
+        n, total = self.count, self.count + m
+        share = m / total.clamp(min=1)  # m / (n + m); 0 for a label absent from the batch
+        delta = batch_mean - self.mean
+        self.mean += delta * share[:, None]
+        spread = delta.pow(2) if self.diagonal else delta[:, :, None] * delta[:, None, :]
+        weight = (n * share).view(-1, *[1] * (spread.dim() - 1))  # n m / (n + m)
+        self.scatter += batch_scatter + spread * weight
+        self.count = total
 
     def sample(self, c: int, n: int, generator: torch.Generator) -> Tensor:
-        """n draws from label c's Gaussian (a small ridge keeps a thin covariance usable)."""
-        cov = self.scatter[c] / max(float(self.count[c]) - 1, 1.0)
-        noise = torch.randn(n, self.mean.shape[1], generator=generator, device=self.mean.device)
+        """n draws from label c's Gaussian."""
+        return self.sample_labels([n if k == c else 0 for k in range(len(self.count))], generator)
+
+    def sample_labels(self, counts: list[int], generator: torch.Generator) -> Tensor:
+        """counts[c] draws from each label c's Gaussian, label after label (a small ridge keeps
+        a thin covariance usable); the covariances are factored in one batched Cholesky."""
+        labels = [c for c, k in enumerate(counts) if k > 0]
+        dim, device = self.mean.shape[1], self.mean.device
+        noise = torch.randn(sum(counts), dim, generator=generator, device=device)
+        if not labels:
+            return noise
+        cov = self.scatter[labels] / (self.count[labels] - 1).clamp(min=1).view(
+            -1, *[1] * (self.scatter.dim() - 1)
+        )
         if self.diagonal:
-            return self.mean[c] + noise * (cov + 1e-6).sqrt()
-        ridge = 1e-4 * torch.eye(len(cov), device=cov.device)
-        return self.mean[c] + noise @ torch.linalg.cholesky(cov + ridge).T
+            factor = (cov + 1e-6).sqrt()
+        else:
+            factor = torch.linalg.cholesky(cov + 1e-4 * torch.eye(dim, device=device))
+        out, start = [], 0
+        for i, c in enumerate(labels):
+            part = noise[start : start + counts[c]]
+            start += counts[c]
+            spread = part * factor[i] if self.diagonal else part @ factor[i].T
+            out.append(self.mean[c] + spread)
+        return torch.cat(out)
 
 
 class GenerativeServer(Server):
@@ -130,19 +154,18 @@ class GenerativeServer(Server):
         self.stats.update(z, y)
         per_label = self.cfg.per_label or self.cfg.batch_size
         have = torch.bincount(y, minlength=self.num_classes)
-        made_z, made_y = [z], [y]
-        for c in range(self.num_classes):
-            missing = per_label - int(have[c])
-            if missing > 0 and self.stats.count[c] >= 2:  # a Gaussian needs two samples
-                made_z.append(self.stats.sample(c, missing, self.generator))
-                made_y.append(torch.full((missing,), c, dtype=y.dtype, device=y.device))
-        z_all = torch.cat(made_z).view(-1, *self.cut)
-        loss = loss_fn(self.model(z_all), torch.cat(made_y))
+        ready = self.stats.count >= 2  # a Gaussian needs two samples
+        missing = ((per_label - have).clamp(min=0) * ready).tolist()  # the step's one sync
+        made = self.stats.sample_labels(missing, self.generator)
+        labels = torch.arange(self.num_classes, device=y.device)
+        made_y = labels.repeat_interleave(torch.tensor(missing, device=y.device)).to(y.dtype)
+        z_all = torch.cat([z, made]).view(-1, *self.cut)
+        loss = loss_fn(self.model(z_all), torch.cat([y, made_y]))
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
         self.log("server_loss", loss.detach())
-        self.log("generated", sum(len(g) for g in made_y[1:]))
+        self.log("generated", sum(missing))
 
     def begin_round(self, t: int) -> None:
         if self.cfg.server_lr_decay:
