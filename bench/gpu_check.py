@@ -178,9 +178,9 @@ def parity(cpu: bool, shared: dict[str, Any]) -> dict[str, Any]:
 
 def paper_round(cpu: bool, shrunk: bool) -> dict[str, Any]:
     if cpu:
-        return run_paper_round(False, ["device=cpu", "dataset_args.num_train=160",
-                                       "dataset_args.num_test=32", "align_buffer_size=32"],
-                               rounds=2, algorithms=("fsl_sage",))  # fmt: skip
+        tiny = ["device=cpu", "dataset_args.num_train=80", "dataset_args.num_test=16",
+                "num_clients=4", "align_buffer_size=16", "align_batch_size=16"]  # fmt: skip
+        return run_paper_round(False, tiny, rounds=2, algorithms=("fsl_sage",))
     return run_paper_round(not shrunk, ["device=cuda"], rounds=2)
 
 
