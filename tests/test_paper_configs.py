@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import builtins
 import io
-import json
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+from test_cli import dry_json
 
 from fslsage.config import ConfigError, load_config
 from fslsage.data import DATASETS, describe_dataset, load_dataset
@@ -36,14 +36,6 @@ NEW_CONFIGS = [*IMAGE_CONFIGS, "e2e_gpt2_medium"]
 REAL_DATASETS = ["cifar10", "cifar100", "cinic10", "digits", "e2e", "fmnist"]
 # small enough to generate in milliseconds, large enough that every CIFAR-100 class appears
 SMALL = {"num_train": 300, "num_test": 120}
-
-
-def dry_json(capsys, argv: list[str]) -> dict:
-    assert main([*argv, "--dry-run", "--json"]) == 0
-    out, err = capsys.readouterr()
-    assert err == ""
-    assert len(out.strip().splitlines()) == 1, out  # one JSON object, nothing else
-    return json.loads(out)
 
 
 def sets(*pairs: str) -> list[str]:
