@@ -241,7 +241,6 @@ def check_fits(demands: list[Demand], nodes: list[dict[str, float]]) -> None:
     """A ConfigError naming the key of the first demand (one actor's or bundle's resources)
     that no node can hold, or that with those before it exceeds what the cluster has in all:
     Ray would wait for it for ever (under Tune) instead of failing."""
-    eps = 1e-9
     totals: dict[str, float] = {}
     for node in nodes:
         for name, amount in node.items():
@@ -250,19 +249,19 @@ def check_fits(demands: list[Demand], nodes: list[dict[str, float]]) -> None:
     for keys, amounts in demands:
         need = {name: amount for name, amount in amounts.items() if amount > 0}
         for name, amount in need.items():
-            if not any(n.get(name, 0.0) + eps >= amount for n in nodes):
+            if not any(n.get(name, 0.0) + EPS >= amount for n in nodes):
                 most = max((n.get(name, 0.0) for n in nodes), default=0.0)
                 raise ConfigError(
                     keys[name], f"one actor asks for {amount:g} {_resource(name)}; no node of the "
                     f"cluster has that (the most on one node: {most:g})",
                 )  # fmt: skip
-        if not any(all(n.get(k, 0.0) + eps >= v for k, v in need.items()) for n in nodes):
+        if not any(all(n.get(k, 0.0) + EPS >= v for k, v in need.items()) for n in nodes):
             asked = ", ".join(f"{v:g} {_resource(k)}" for k, v in need.items())
             raise ConfigError(keys[next(iter(need))], f"one actor asks for {asked}; no node of "
                                                       "the cluster has all of that")  # fmt: skip
         for name, amount in need.items():
             used[name] = used.get(name, 0.0) + amount
-            if used[name] > totals.get(name, 0.0) + eps:
+            if used[name] > totals.get(name, 0.0) + EPS:
                 raise ConfigError(
                     keys[name], f"the run's actors ask for {used[name]:g} {_resource(name)} in "
                     f"all (at least), the cluster has {totals.get(name, 0.0):g}",

@@ -57,9 +57,10 @@ RESOURCE_KEYS = (
 def trial_demands(cfg: Config, cluster: dict[str, float]) -> list[actors_runtime.Demand]:
     """`trial_bundles`, each with the config key that asks for each of its resources."""
     bundles = trial_bundles(cfg, cluster)
+    clients = client_actor_count(cfg, cluster) if cfg.runtime == "ray" else 0
     demands = []
     for index, bundle in enumerate(bundles):
-        is_client = cfg.runtime == "ray" and 2 <= index < 2 + client_actor_count(cfg, cluster)
+        is_client = 2 <= index < 2 + clients
         keys = {name: "server_accelerator" for name in bundle if name.startswith("accelerator")}
         keys |= {"CPU": "client_cpus", "GPU": "client_gpus" if is_client else "server_gpus"}
         demands.append((keys, bundle))
