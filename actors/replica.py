@@ -46,7 +46,7 @@ class ServerReplica:
 
     def exchange(self, epoch: int, cid: int, seq: int, *args: Any) -> Any:
         z, y = unpack(args, self.device)
-        grad, loss, record = replica_answer(self.model, z, y)
+        grad, loss, record = replica_answer(self.model, z, y, self.cfg.label_smoothing)
         record.grads = {k: v.cpu() for k, v in record.grads.items()}
         record.buffers = {k: v.cpu() for k, v in record.buffers.items()}
         if self.cfg.gradient_store == "files":

@@ -93,8 +93,9 @@ class Request:
 
 # ----------------------------------------------------------------------------- coalesced maths
 def coalesced_step(
-    model: torch.nn.Module, opt: torch.optim.Optimizer, zs: list[Tensor], ys: list[Tensor]
-) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    model: torch.nn.Module, opt: torch.optim.Optimizer, zs: list[Tensor], ys: list[Tensor],
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:  # fmt: skip
     """One optimizer step on the concatenated requests. The step's loss is the mean over all
     their samples (exactly `server_step` on `torch.cat`); request i gets ∂(its own mean loss)/∂z_i
     — the shared gradient's slice rescaled by total/own sample count — and its own mean loss.
@@ -102,7 +103,7 @@ def coalesced_step(
     sizes = [len(z) for z in zs]
     z = torch.cat(zs).detach().requires_grad_(True)
     y = torch.cat(ys)
-    per_sample = loss_fn(model(z), y, reduction="none").view(len(y), -1).sum(1)
+    per_sample = loss_fn(model(z), y, "none", label_smoothing).view(len(y), -1).sum(1)
     counts = [(yi != IGNORE_INDEX).sum() for yi in ys]  # labelled targets, as loss_fn's mean
     total = torch.stack(counts).sum().clamp(min=1)
     loss = per_sample.sum() / total
@@ -116,7 +117,8 @@ def coalesced_step(
 
 
 def _exchange_batch(server: Server, reqs: list[Request]) -> list[Any]:
-    _, grads, losses = coalesced_step(server.model, server.opt, *_zy(reqs))
+    smoothing = server.cfg.label_smoothing
+    _, grads, losses = coalesced_step(server.model, server.opt, *_zy(reqs), smoothing)
     return list(zip(grads, losses, strict=True))
 
 
@@ -125,10 +127,9 @@ def _upload_batch(server: Server, reqs: list[Request]) -> list[Any]:
         for r in reqs:
             z, y = r.args
             eager = server.cfg.align_targets == "eager"
-            mode = server.cfg.align_target_mode
-            extra = (true_cut_gradient(server.model, z, y, mode),) if eager else ()
+            extra = (true_cut_gradient(server.model, z, y, server.cfg),) if eager else ()
             server.buffers[r.cid].append(z, y, *extra)
-    loss, _, _ = coalesced_step(server.model, server.opt, *_zy(reqs))
+    loss, _, _ = coalesced_step(server.model, server.opt, *_zy(reqs), server.cfg.label_smoothing)
     server.log("server_loss", loss)
     return [None] * len(reqs)
 

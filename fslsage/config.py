@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
@@ -47,9 +48,20 @@ class Config:
     # the S-Server evaluates one such batch at a time between requests: a request never waits
     # behind more than one
     eval_batch_size: int = 128
-    optimizer: Literal["adam", "sgd"] = "adam"
+    # adamw: decoupled weight decay (LoRA's E2E setup); adam adds the decay to the gradient
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = 1e-3
     weight_decay: float = 1e-4
+    momentum: float = 0.9  # sgd's
+    grad_clip: float = 0.0  # the gradient norm of each model clipped to this before a step; 0: off
+    # the client and server models' lr per round: constant, or linear warm-up over
+    # `warmup_rounds` then linear decay (lr × min(t / warmup_rounds, (rounds − t + 1) /
+    # (rounds − warmup_rounds))); the auxiliary models keep aux_lr
+    lr_schedule: Literal["constant", "warmup_linear"] = "constant"
+    warmup_rounds: int = 0
+    # training losses only (client, server, aux); test_loss stays the plain NLL, so
+    # test_perplexity = exp(test_loss)
+    label_smoothing: float = 0.0
     server_update_interval: int = 5  # q
     align_interval: int = 10  # l
     align_buffer_size: int = 1000
@@ -137,8 +149,9 @@ _AT_LEAST_ONE = (
     "server_replicas", "threads",
 )  # fmt: skip
 _NON_NEGATIVE = (
-    "weight_decay", "aux_weight_decay", "client_gpus", "server_gpus", "max_wait_ms",
-    "checkpoint_every", "num_client_actors", "per_label", "active_clients", "sync_every",
+    "weight_decay", "aux_weight_decay", "momentum", "grad_clip", "warmup_rounds", "client_gpus",
+    "server_gpus", "max_wait_ms", "checkpoint_every", "num_client_actors", "per_label",
+    "active_clients", "sync_every",
 )  # fmt: skip
 
 MAX_ROUNDS = 100_000  # far beyond any paper run; a typo like 10**12 must not plan for ever
@@ -151,7 +164,9 @@ SEARCH_OPTIONS = (
     "max_concurrent",
 )  # fmt: skip
 SEARCH_SCHEDULERS = ("fifo", "asha")
-SEARCH_METRICS = {"test_acc": "max", "test_loss": "min", "train_loss": "min"}  # metric: its mode
+SEARCH_METRICS = {  # metric: its mode
+    "test_acc": "max", "test_loss": "min", "test_perplexity": "min", "train_loss": "min",
+}  # fmt: skip
 
 
 def _type_name(tp: Any) -> str:
@@ -198,6 +213,13 @@ def _check_range(cfg: Config) -> None:
             raise ConfigError(key, f"must be >= 0, got {getattr(cfg, key)!r}")
     if not 0.0 <= cfg.target_acc <= 1.0:
         raise ConfigError("target_acc", f"must be in [0, 1], got {cfg.target_acc!r}")
+    if not 0.0 <= cfg.label_smoothing < 1.0:
+        raise ConfigError("label_smoothing", f"must be in [0, 1), got {cfg.label_smoothing!r}")
+    if cfg.lr_schedule == "warmup_linear" and cfg.warmup_rounds >= cfg.rounds:
+        raise ConfigError(
+            "warmup_rounds",
+            f"must be < rounds={cfg.rounds} (the decay needs a round), got {cfg.warmup_rounds}",
+        )
     if cfg.client_gpus > 1:
         raise ConfigError(
             "client_gpus", f"a client actor gets at most 1 GPU, got {cfg.client_gpus}"
@@ -264,6 +286,10 @@ def _check_registries(cfg: Config) -> None:
         info = describe_dataset(cfg.dataset, **cfg.dataset_args)
     except (TypeError, ValueError) as e:  # an unknown dataset_arg or a bad value of one
         raise ConfigError("dataset_args", str(e)) from None
+    if cfg.search.get("metric") == "test_perplexity" and info.task == CLASSIFICATION:
+        raise ConfigError(
+            "search.metric", f"test_perplexity is a language model's; {cfg.dataset} has classes"
+        )
     if cfg.algorithm == "gas" and info.task != CLASSIFICATION:
         raise ConfigError("algorithm", f"gas needs class labels; {cfg.dataset} is {info.task}")
     if cfg.num_clients > info.num_train:
@@ -304,18 +330,25 @@ def _check_registries(cfg: Config) -> None:
     if cfg.server_mode == "stateless":
         _require_algorithms(cfg, "server_mode", "stateless_server", "stateless replicas serve "
                             "one shared server model that answers with gradients")  # fmt: skip
+    if cfg.lr_schedule != "constant":
+        why = "a per-round lr schedule needs synchronous rounds (gas has server_lr_decay)"
+        _require_algorithms(cfg, "lr_schedule", lambda a: not a.asynchronous, why)
     if cfg.warm_start:
         _require_algorithms(cfg, "warm_start", "uses_aux", "a warm start is one round of "
                             "cse_fsl for an algorithm with an auxiliary model")  # fmt: skip
 
 
-def _require_algorithms(cfg: Config, key: str, capability: str, why: str) -> None:
+def _require_algorithms(
+    cfg: Config, key: str, capability: str | Callable[[type], bool], why: str
+) -> None:
     """Every algorithm the config can run (its own, or its sweep's) has the class attribute
-    `capability` set, or a ConfigError on `key` names the first that has not."""
+    `capability` set (or passes it, a test of the class), or a ConfigError on `key` names the
+    first that has not."""
     from fslsage.algorithms import ALGORITHMS
 
     def able(name: str) -> bool:
-        return getattr(ALGORITHMS.get(name), capability)
+        cls = ALGORITHMS.get(name)
+        return capability(cls) if callable(capability) else getattr(cls, capability)
 
     lacking = [a for a in search_choices(cfg.search.get("algorithm")) or [cfg.algorithm]
                if not able(a)]  # fmt: skip

@@ -29,6 +29,7 @@ from fslsage.config import Config, ConfigError
 from fslsage.data import (
     BatchStream,
     ClientShard,
+    describe_dataset,
     label_histogram,
     load_dataset,
     partition,
@@ -312,6 +313,7 @@ def run_experiment(
     `sim_time_s` is the simulated wall-clock of SPEC §6 (`fslsage.simulation`)."""
     ledger = Ledger()
     clock = planned_clock(cfg)
+    language = describe_dataset(cfg.dataset, **cfg.dataset_args).task != CLASSIFICATION
     rows: list[dict] = []
     sim_time_s = 0.0
     start = time.perf_counter()
@@ -338,6 +340,8 @@ def run_experiment(
             "sim_time_s": sim_time_s,
             "wall_s": time.perf_counter() - start,
         }
+        if language:  # test_loss is the per-token NLL of the continuations
+            row["test_perplexity"] = math.exp(min(test_loss, 700.0))  # inf beyond float range
         if cfg.algorithm == "fsl_sage":
             row["align_loss"] = outcome.server_metrics.get("align_loss", float("nan"))
         rows.append(row)

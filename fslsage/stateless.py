@@ -42,13 +42,15 @@ class GradientRecord:
     buffers: State
 
 
-def replica_answer(model: nn.Module, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor, GradientRecord]:
+def replica_answer(
+    model: nn.Module, z: Tensor, y: Tensor, label_smoothing: float = 0.0
+) -> tuple[Tensor, Tensor, GradientRecord]:
     """A replica's work on one request: (∂L/∂z, loss, its gradient record). The model's
     parameters are untouched and its buffers are put back: the replica keeps no state."""
     buffers = clone_state(dict(model.named_buffers()))
     z = z.detach().requires_grad_(True)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    loss = loss_fn(model(z), y)
+    loss = loss_fn(model(z), y, label_smoothing=label_smoothing)
     grads = torch.autograd.grad(loss, [z, *(p for _, p in params)], allow_unused=True)
     moved = clone_state(dict(model.named_buffers()))
     with torch.no_grad():
@@ -136,7 +138,7 @@ class StatelessServer(Server):
         """In-process: a replica answers, its record goes to the store and on to the reducer."""
         if self.replica is None:  # the master weights are the published ones between steps
             self.replica = copy.deepcopy(self.model)
-        grad, loss, record = replica_answer(self.replica, z, y)
+        grad, loss, record = replica_answer(self.replica, z, y, self.cfg.label_smoothing)
         if self.cfg.gradient_store == "files":
             self.on_gradient(cid, save_record(gradient_store_dir(self.cfg), record))
         else:

@@ -8,7 +8,14 @@ from typing import Any
 
 from torch import Tensor
 
-from fslsage.algorithms.base import Algorithm, Client, ClientReport, State, clone_state
+from fslsage.algorithms.base import (
+    Algorithm,
+    Client,
+    ClientReport,
+    State,
+    clone_state,
+    set_round_lr,
+)  # fmt: skip
 from fslsage.data import local_batch_sizes
 from fslsage.ledger import Ledger, state_bytes, tensor_bytes
 from fslsage.models import communicated_state
@@ -86,6 +93,7 @@ def run_client_round(
     for module in client.parts.values():
         module.train()
     cfg = algo.cfg
+    set_round_lr((o for part, o in client.optimizers.items() if part != "aux_model"), cfg, t)
     batches = shard.batches(cfg.batch_size, cfg.local_epochs, client.generator)
     expected = algo.server_requests(t, local_batch_sizes(len(shard), cfg.batch_size,
                                                          cfg.local_epochs))  # fmt: skip

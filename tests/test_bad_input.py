@@ -105,6 +105,21 @@ BAD = {
         sets("num_clients=5000"), "num_clients", ("5000 clients", "digits has 1437 samples")
     ),
     "empty name": Bad(sets("name="), "name", ("plain folder name",)),
+    "label_smoothing 1": Bad(sets("label_smoothing=1"), "label_smoothing", ("[0, 1)",)),
+    "warm-up as long as the run": Bad(
+        sets("lr_schedule=warmup_linear", "warmup_rounds=10", "rounds=10"),
+        "warmup_rounds",
+        ("must be < rounds=10",),
+    ),
+    "lr schedule for gas": Bad(
+        sets("lr_schedule=warmup_linear", "algorithm=gas"),
+        "lr_schedule",
+        ("synchronous rounds", "gas cannot"),
+    ),
+    "perplexity of a classifier": Bad(
+        sets("search.metric=test_perplexity"), "search.metric", ("digits has classes",)
+    ),
+    "adam misspelt": Bad(sets("optimizer=adamW"), "optimizer", ("did you mean 'adamw'?",)),
     # unknown registry names: did-you-mean plus the list of names
     "unknown algorithm": Bad(
         sets("algorithm=fsl_sag"), "algorithm", ("did you mean 'fsl_sage'?", ALGOS)

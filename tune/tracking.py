@@ -22,8 +22,8 @@ from fslsage.config import flatten
 from tune.space import trial_config, trial_label
 
 TRACKED_METRICS = (
-    "test_acc", "test_loss", "train_loss", "comm_gib", "up_gib", "down_gib", "sim_time_s",
-    "wall_s", "align_loss",
+    "test_acc", "test_loss", "test_perplexity", "train_loss", "comm_gib", "up_gib", "down_gib",
+    "sim_time_s", "wall_s", "align_loss",
 )  # fmt: skip
 PARENT_TAG = "mlflow.parentRunId"
 

@@ -36,49 +36,90 @@ IGNORE_INDEX = -100
 
 
 # ----------------------------------------------------------------------------- maths shared by all
-def loss_fn(logits: Tensor, y: Tensor, reduction: str = "mean") -> Tensor:
+def loss_fn(
+    logits: Tensor, y: Tensor, reduction: str = "mean", label_smoothing: float = 0.0
+) -> Tensor:
     """NLL of log-softmax (cross-entropy); works for (B, C) and language-model (B, T, V) logits.
     The mean is over labelled targets and is 0, not NaN, for a batch whose labels are all ignored
-    (a language-model batch of prompts only)."""
+    (a language-model batch of prompts only). Training losses pass the config's
+    `label_smoothing`; evaluation keeps the plain NLL."""
     flat_logits, flat_y = logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
+    kwargs = {"ignore_index": IGNORE_INDEX, "label_smoothing": label_smoothing}
     if reduction != "mean":
-        return F.cross_entropy(flat_logits, flat_y, ignore_index=IGNORE_INDEX, reduction=reduction)
-    total = F.cross_entropy(flat_logits, flat_y, ignore_index=IGNORE_INDEX, reduction="sum")
+        return F.cross_entropy(flat_logits, flat_y, reduction=reduction, **kwargs)
+    total = F.cross_entropy(flat_logits, flat_y, reduction="sum", **kwargs)
     return total / (flat_y != IGNORE_INDEX).sum().clamp(min=1)
 
 
 def make_optimizer(module: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    """The optimizer of a client or server model: `optimizer`, `lr`, `weight_decay`."""
-    return _optimizer(module, cfg.optimizer, cfg.lr, cfg.weight_decay)
+    """The optimizer of a client or server model: `optimizer`, `lr`, `weight_decay`,
+    `momentum` (sgd) and `grad_clip`; its lr follows `lr_schedule` (`set_round_lr`)."""
+    return _optimizer(module, cfg.optimizer, cfg.lr, cfg.weight_decay, cfg)
 
 
 def aux_optimizer(module: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     """An auxiliary model's own optimizer, as in the reference code (Adam 1e-3, no weight decay
-    by default): `aux_optimizer`, `aux_lr`, `aux_weight_decay`."""
-    return _optimizer(module, cfg.aux_optimizer, cfg.aux_lr, cfg.aux_weight_decay)
+    by default): `aux_optimizer`, `aux_lr`, `aux_weight_decay`; `momentum` and `grad_clip` as
+    every model's; a constant lr."""
+    return _optimizer(module, cfg.aux_optimizer, cfg.aux_lr, cfg.aux_weight_decay, cfg)
 
 
-def _optimizer(module: nn.Module, name: str, lr: float, wd: float) -> torch.optim.Optimizer:
+def _optimizer(
+    module: nn.Module, name: str, lr: float, wd: float, cfg: Config
+) -> torch.optim.Optimizer:
     params = [p for p in module.parameters() if p.requires_grad]
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
-    return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), weight_decay=wd)
+        opt = torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=wd)
+    else:
+        kind = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+        opt = kind(params, lr=lr, betas=(0.9, 0.999), weight_decay=wd)
+    if cfg.grad_clip > 0:
+        # every step of this optimizer clips its model's gradient norm first (the GAS reference
+        # clips client and server models at 10), so no algorithm needs to remember to
+        def clip(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
+
+        opt.register_step_pre_hook(clip)
+    return opt
+
+
+def round_lr_factor(cfg: Config, t: int) -> float:
+    """`lr_schedule` in round t: 1, or linear warm-up over `warmup_rounds` then linear decay
+    that reaches 1 / (rounds − warmup_rounds) in the last round (it still trains). A warm start
+    (round 0) trains at the first round's rate."""
+    if cfg.lr_schedule == "constant":
+        return 1.0
+    t, warmup = max(t, 1), cfg.warmup_rounds
+    decay = (cfg.rounds - t + 1) / (cfg.rounds - warmup)
+    return min(t / warmup, decay) if warmup else decay
+
+
+def set_round_lr(optimizers: Iterable[torch.optim.Optimizer], cfg: Config, t: int) -> None:
+    """Round t's lr in optimizers made by `make_optimizer` (their initial lr is the base)."""
+    factor = round_lr_factor(cfg, t)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group.setdefault("base_lr", group["lr"]) * factor
 
 
 def cut_gradient(
-    head: nn.Module, z: Tensor, y: Tensor, reduction: str = "mean", create_graph: bool = False
-) -> Tensor:
-    """∂ NLL(head(z), y) / ∂z — the true gradient when `head` is the server model, FSL-SAGE's
+    head: nn.Module, z: Tensor, y: Tensor, reduction: str = "mean", create_graph: bool = False,
+    label_smoothing: float = 0.0,
+) -> Tensor:  # fmt: skip
+    """∂ L(head(z), y) / ∂z — the true gradient when `head` is the server model, FSL-SAGE's
     estimate ĝ when it is the auxiliary model."""
     z = z.detach().requires_grad_(True)
-    (grad,) = torch.autograd.grad(loss_fn(head(z), y, reduction), z, create_graph=create_graph)
+    loss = loss_fn(head(z), y, reduction, label_smoothing)
+    (grad,) = torch.autograd.grad(loss, z, create_graph=create_graph)
     return grad
 
 
-def server_step(model: nn.Module, opt: torch.optim.Optimizer, z: Tensor, y: Tensor):
+def server_step(
+    model: nn.Module, opt: torch.optim.Optimizer, z: Tensor, y: Tensor, label_smoothing: float = 0.0
+):
     """One server optimizer step on smashed data; returns (loss, ∂L/∂z)."""
     z = z.detach().requires_grad_(True)
-    loss = loss_fn(model(z), y)
+    loss = loss_fn(model(z), y, label_smoothing=label_smoothing)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -170,7 +211,13 @@ class Server:
         only gas's logit adjustment uses them."""
 
     def begin_round(self, t: int) -> None:
-        """Round t opens, before any of its requests (gas decays its learning rate here)."""
+        """Round t opens, before any of its requests: the server models take round t's lr
+        (`lr_schedule`). A subclass that overrides this calls it first."""
+        set_round_lr(self.scheduled_optimizers(), self.cfg, t)
+
+    def scheduled_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The optimizers of server models whose lr follows `lr_schedule` (not aux models')."""
+        return [self.opt]
 
     def end_round(self, t: int) -> dict[str, float]:
         """Round-end work inside the S-Server; returns the round's server metrics (then reset)."""
@@ -228,7 +275,6 @@ class Algorithm:
     uses_aux: ClassVar[bool] = False
     # one shared server model that answers with gradients: it can run as stateless replicas
     stateless_server: ClassVar[bool] = False
-
     def __init__(self, cfg: Config, split: SplitModel):
         self.cfg, self.split = cfg, split
         self._warm_start: Algorithm | None = None

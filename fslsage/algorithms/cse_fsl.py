@@ -27,7 +27,7 @@ class UploadServer(Server):
     """One shared server model that takes one optimizer step per upload; answers nothing."""
 
     def on_upload(self, cid, z, y):
-        loss, _ = server_step(self.model, self.opt, z, y)
+        loss, _ = server_step(self.model, self.opt, z, y, self.cfg.label_smoothing)
         self.log("server_loss", loss)
 
 
@@ -46,7 +46,8 @@ class CSEFSL(Algorithm):
             z = net(x)
             if k % q == 0:
                 server.upload(z.detach(), y)
-            loss = loss_fn(aux(z), y)  # the local loss trains both aux and client
+            # the local loss trains both aux and client
+            loss = loss_fn(aux(z), y, label_smoothing=self.cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             aux_opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -23,7 +23,7 @@ class FedAvg(Algorithm):
         model, opt = client.parts["client_model"], client.optimizers["client_model"]
         losses = []
         for x, y in batches:
-            loss = loss_fn(model(x), y)
+            loss = loss_fn(model(x), y, label_smoothing=self.cfg.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

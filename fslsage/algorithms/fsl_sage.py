@@ -63,13 +63,14 @@ def aligns(cfg, t: int) -> bool:
     return t >= 1 and (t - 1) % cfg.align_interval == 0
 
 
-def true_cut_gradient(server_model: torch.nn.Module, z: Tensor, y: Tensor, mode: str) -> Tensor:
-    """Per-sample ∂ NLL(x_s(z), y) / ∂z with the server in `mode`: "train" (BN over these
-    samples, its running statistics updated) or "eval" (no side effects)."""
+def true_cut_gradient(server_model: torch.nn.Module, z: Tensor, y: Tensor, cfg) -> Tensor:
+    """Per-sample ∂ L(x_s(z), y) / ∂z (the training loss, `label_smoothing` included) with the
+    server in `align_target_mode`: "train" (BN over these samples, its running statistics
+    updated) or "eval" (no side effects)."""
     was_training = server_model.training
-    server_model.train(mode == "train")
+    server_model.train(cfg.align_target_mode == "train")
     try:
-        return cut_gradient(server_model, z, y, reduction="sum")
+        return cut_gradient(server_model, z, y, "sum", label_smoothing=cfg.label_smoothing)
     finally:
         server_model.train(was_training)
 
@@ -105,7 +106,7 @@ class AligningServer(UploadServer):
 
     def on_upload(self, cid, z, y):
         if self.cfg.align_targets == "eager":  # targets from the server the upload met
-            g = true_cut_gradient(self.model, z, y, self.cfg.align_target_mode)
+            g = true_cut_gradient(self.model, z, y, self.cfg)
             self.buffers[cid].append(z, y, g)
         else:
             self.buffers[cid].append(z, y)
@@ -120,8 +121,7 @@ class AligningServer(UploadServer):
         buffer, aux, opt = self.buffers[cid], self.aux[cid], self.aux_opts[cid]
         if len(buffer) > 0:
             z, y, *stored = buffer.tensors
-            mode = self.cfg.align_target_mode
-            g = stored[0] if stored else true_cut_gradient(self.model, z, y, mode)
+            g = stored[0] if stored else true_cut_gradient(self.model, z, y, self.cfg)
             first, last = self.align(aux, opt, z, y, g)
             self.log("align_loss_before", first)
             self.log("align_loss", last)
@@ -137,7 +137,8 @@ class AligningServer(UploadServer):
             order = torch.randperm(len(z), generator=self.generator, device=z.device)
             total = torch.zeros((), dtype=torch.float64, device=z.device)
             for idx in order.split(self.cfg.align_batch_size):
-                g_hat = cut_gradient(aux, z[idx], y[idx], reduction="sum", create_graph=True)
+                g_hat = cut_gradient(aux, z[idx], y[idx], "sum", create_graph=True,
+                                     label_smoothing=self.cfg.label_smoothing)  # fmt: skip
                 loss = (g_hat - g[idx]).pow(2).flatten(1).sum(1).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -169,7 +170,7 @@ class FSLSAGE(Algorithm):
             if k == 0 and aligning:  # after the first upload and the server's step on it
                 aux.load_state_dict(server.aligned_aux(), strict=False)
             z_leaf = z.detach().requires_grad_(True)
-            aux_loss = loss_fn(aux(z_leaf), y)
+            aux_loss = loss_fn(aux(z_leaf), y, label_smoothing=self.cfg.label_smoothing)
             (g_hat,) = torch.autograd.grad(aux_loss, z_leaf)  # the estimate of ∂L/∂z
             opt.zero_grad(set_to_none=True)
             z.backward(g_hat)

@@ -19,8 +19,12 @@ class PerClientServer(Server):
         self.copy_opts = [make_optimizer(m, cfg) for m in self.copies]
         self.samples_seen = [0] * num_clients
 
+    def scheduled_optimizers(self):
+        return [self.opt, *self.copy_opts]
+
     def on_exchange(self, cid, z, y):
-        loss, grad = server_step(self.copies[cid], self.copy_opts[cid], z, y)
+        smoothing = self.cfg.label_smoothing
+        loss, grad = server_step(self.copies[cid], self.copy_opts[cid], z, y, smoothing)
         self.samples_seen[cid] += len(y)
         return grad, loss
 

@@ -21,7 +21,7 @@ class SharedServer(Server):
     """One server model; every exchange is one optimizer step, ∂L/∂z goes back."""
 
     def on_exchange(self, cid, z, y):
-        loss, grad = server_step(self.model, self.opt, z, y)
+        loss, grad = server_step(self.model, self.opt, z, y, self.cfg.label_smoothing)
         return grad, loss
 
 
