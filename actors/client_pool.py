@@ -36,6 +36,8 @@ from fslsage.algorithms.base import Algorithm, ClientReport, State
 from fslsage.data import BatchStream
 from fslsage.experiment import apply_compute_settings
 from fslsage.ledger import Ledger
+from fslsage.memory import peak_gpu_mib
+from fslsage.precision import autocast
 from fslsage.transport import RecordingLink, Send, run_client_round
 
 
@@ -90,7 +92,8 @@ class ClientActor:
         self, t: int, epoch: int, weights: dict[str, State], cids: list[int]
     ) -> tuple[Any, ...]:
         """Round t for `cids`, in order, all starting from `weights`. Returns 1 + len(cids)
-        values (call with num_returns=1 + len(cids)): the reports without weights, then each
+        values (call with num_returns=1 + len(cids)): the summary (the reports without weights,
+        and this actor's peak GPU memory in the call, `peak_gpu_mib`: None off CUDA), then each
         client's weights as its own object, so the aggregation task (or, for a sequential
         algorithm, the next client) reads them from the object store, not via the driver."""
         reports: list[ClientReport] = []
@@ -108,7 +111,7 @@ class ClientActor:
             states.append(_cpu(report.weights))
             report.weights = {}
             reports.append(report)
-        return (reports, *states)
+        return ({"reports": reports, "peak_gpu_mib": peak_gpu_mib(self.device)}, *states)
 
     def run_global_iteration(
         self, t: int, epoch: int, weights: dict[str, State], events: list[tuple[int, str, int]]
@@ -120,8 +123,9 @@ class ClientActor:
         request waits at the S-Server for its turn (a client draws its random numbers from its
         own generator and shares no module with another, so the threads change no result).
         Returns 1 + (number of "finish" events) values: the summary (each step's (event index,
-        loss), the ledger, the finished clients' reports without weights, in schedule order),
-        then each finished client's weights as its own object."""
+        loss), the ledger, the finished clients' reports without weights, in schedule order, and
+        `peak_gpu_mib` as `run_round`'s), then each finished client's weights as its own
+        object."""
         self._prepare_round()
         own: dict[int, list[tuple[int, str]]] = {}  # each client's events, in order
         for index, kind, cid in events:
@@ -143,7 +147,8 @@ class ClientActor:
         states = [_cpu(report.weights) for report in reports]
         for report in reports:
             report.weights = {}
-        summary = {"losses": losses, "ledger": ledger.entries(), "reports": reports}
+        summary = {"losses": losses, "ledger": ledger.entries(), "reports": reports,
+                   "peak_gpu_mib": peak_gpu_mib(self.device)}  # fmt: skip
         return (summary, *states) if states else summary  # one return value goes as it is
 
     def _play(
@@ -167,7 +172,8 @@ class ClientActor:
         for index, kind in events:
             if self.crash_at == (t, cid):
                 os._exit(1)  # fault injection for the recovery test: the process dies here
-            out = self.algo.on_event(t, kind, client, stream, weights, link, ledger)
+            with autocast(self.algo.cfg, self.device):  # per thread, as autocast's state is
+                out = self.algo.on_event(t, kind, client, stream, weights, link, ledger)
             if out is not None:
                 outcomes.append((index, out if isinstance(out, ClientReport) else float(out)))
         link.close()

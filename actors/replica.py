@@ -21,6 +21,8 @@ import ray
 from actors.common import actor_device, assigned_resources, pack, unpack
 from fslsage.algorithms.base import Algorithm, State
 from fslsage.experiment import apply_compute_settings
+from fslsage.memory import peak_gpu_mib
+from fslsage.precision import autocast
 from fslsage.stateless import gradient_store_dir, replica_answer, save_record
 
 
@@ -46,7 +48,8 @@ class ServerReplica:
 
     def exchange(self, epoch: int, cid: int, seq: int, *args: Any) -> Any:
         z, y = unpack(args, self.device)
-        grad, loss, record = replica_answer(self.model, z, y, self.cfg.label_smoothing)
+        with autocast(self.cfg, self.device):
+            grad, loss, record = replica_answer(self.model, z, y, self.cfg.label_smoothing)
         record.grads = {k: v.cpu() for k, v in record.grads.items()}
         record.buffers = {k: v.cpu() for k, v in record.buffers.items()}
         if self.cfg.gradient_store == "files":
@@ -58,6 +61,11 @@ class ServerReplica:
             os._exit(1)  # fault injection: filed, never answered
         self.served += 1
         return pack((grad, loss))
+
+    def peak_gpu_mib(self) -> float | None:
+        """This replica's peak GPU memory since the last reading (`fslsage.memory.peak_gpu_mib`),
+        asked by the S-Server at each round's end."""
+        return peak_gpu_mib(self.device)
 
     def arm_crash(self) -> None:
         """Test hook: the process exits after filing its next record, before answering."""

@@ -45,6 +45,7 @@ from actors.s_server import SServer, StateLost
 from fslsage.algorithms.base import Algorithm, State, first_round
 from fslsage.config import Config, ConfigError
 from fslsage.experiment import Prepared, RoundOutcome, async_schedule
+from fslsage.memory import peak_gpu_columns, split_peak_columns
 
 if TYPE_CHECKING:
     from fslsage.algorithms.gas import AsyncSchedule
@@ -90,7 +91,7 @@ class Aggregator:
         n = len(report_refs)
         batches, weights = fetched[:n], fetched[n : n + len(weight_refs)]
         if order is None:
-            reports = sorted((r for batch in batches for r in batch), key=lambda r: r.cid)
+            reports = sorted((r for b in batches for r in b["reports"]), key=lambda r: r.cid)
         else:  # gas: the model buffer, in the order its clients finished
             reports = [batches[b]["reports"][i] for b, i in order]
         return self.algo.for_round(t).aggregate(
@@ -659,16 +660,17 @@ class RayRuntime:
         """Waits for the round's reports and server metrics; the new global model is left to
         the object store (the next round and the evaluation read it there)."""
         batches = _get_promptly(started.report_refs)
-        server_metrics = ray.get(started.end)
+        server_metrics, peaks = split_peak_columns(ray.get(started.end))
+        peaks.update(peak_gpu_columns(clients=[b["peak_gpu_mib"] for b in batches]))
         self.submitted.remove(started)
         self.global_ref, self.server_after = started.new_global, started.epoch
         if self.algo.asynchronous:  # the summaries of the actors' events
             losses = sorted(pair for summary in batches for pair in summary["losses"])
             loss = torch.tensor([value for _, value in losses]).mean()  # in schedule order
             ledger = [entry for summary in batches for entry in summary["ledger"]]
-            return RoundOutcome(float(loss), ledger, server_metrics, started.sim_seconds)
-        reports = sorted((r for b in batches for r in b), key=lambda r: r.cid)
-        return RoundOutcome.from_reports(reports, server_metrics)
+            return RoundOutcome(float(loss), ledger, server_metrics, started.sim_seconds, peaks)
+        reports = sorted((r for b in batches for r in b["reports"]), key=lambda r: r.cid)
+        return RoundOutcome.from_reports(reports, server_metrics, peaks)
 
     # -- checkpoints and recovery -----------------------------------------------------------------
     def _recovering(self, t: int, attempt: Callable[[], T]) -> T:

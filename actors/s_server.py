@@ -58,9 +58,11 @@ from actors.common import (
 )
 from fslsage.algorithms.base import IGNORE_INDEX, Algorithm, Server, State, loss_fn
 from fslsage.algorithms.cse_fsl import UploadServer
-from fslsage.algorithms.fsl_sage import AligningServer, true_cut_gradient
+from fslsage.algorithms.fsl_sage import AligningServer
 from fslsage.algorithms.splitfed_v2 import SharedServer
 from fslsage.experiment import apply_compute_settings, evaluate, evaluation_steps
+from fslsage.memory import peak_gpu_columns, peak_gpu_mib
+from fslsage.precision import autocast
 from fslsage.stateless import StatelessServer
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,7 @@ log = logging.getLogger(__name__)
 CLIENT_KINDS = ("upload", "exchange", "align", "done", "gradient")
 ROUND_KINDS = (*CLIENT_KINDS, "end")  # requests that belong to one round attempt
 BATCHING = ("exact", "coalesce")
+REPLICA_PEAK_TIMEOUT_S = 5.0  # how long the round's end waits for a replica's memory reading
 
 
 class RoundAborted(RuntimeError):
@@ -125,10 +128,7 @@ def _exchange_batch(server: Server, reqs: list[Request]) -> list[Any]:
 def _upload_batch(server: Server, reqs: list[Request]) -> list[Any]:
     if isinstance(server, AligningServer):  # the buffering half of AligningServer.on_upload
         for r in reqs:
-            z, y = r.args
-            eager = server.cfg.align_targets == "eager"
-            extra = (true_cut_gradient(server.model, z, y, server.cfg),) if eager else ()
-            server.buffers[r.cid].append(z, y, *extra)
+            server.keep_upload(r.cid, *r.args)
     loss, _, _ = coalesced_step(server.model, server.opt, *_zy(reqs), server.cfg.label_smoothing)
     server.log("server_loss", loss)
     return [None] * len(reqs)
@@ -355,7 +355,8 @@ class SServer:
         """The maths, on the event loop's thread: handing each request to a compute thread and
         back cost ~15% of exact throughput here. Requests arriving meanwhile wait in Ray's
         queue and are filed as soon as the step ends, so coalescing still sees them."""
-        return fn(*args)
+        with autocast(self.cfg, self.device):
+            return fn(*args)
 
     async def _work(self) -> None:
         while True:
@@ -596,12 +597,27 @@ class SServer:
                 (t,) = req.args
                 metrics = await self._compute(self.server.end_round, t) if self.server else {}
                 await self._publish_if_stepped(wait=True)
+                metrics.update(await self._peak_gpu_columns())
             except Exception as e:  # noqa: BLE001
                 _fail(req, e)
             else:
                 _answer(req, metrics)
         await self._refile_deferred()
         return True
+
+    async def _peak_gpu_columns(self) -> dict[str, float]:
+        """The round's `peak_gpu_mib_server` and, stateless, `peak_gpu_mib_replicas` (each
+        process's peak since its last reading; none off CUDA). The round's end is answered
+        after it, so no request of the next round has reached a replica yet; a replica that does
+        not answer within REPLICA_PEAK_TIMEOUT_S (dead, restarting) is left out."""
+        replicas = []
+        if self.replica_handles:
+            calls = [asyncio.ensure_future(r.peak_gpu_mib.remote()) for r in self.replica_handles]
+            done, late = await asyncio.wait(calls, timeout=REPLICA_PEAK_TIMEOUT_S)
+            for call in late:
+                call.cancel()
+            replicas = [c.result() for c in done if c.exception() is None]
+        return peak_gpu_columns(server=peak_gpu_mib(self.device), replicas=replicas)
 
     async def _refile_early(self) -> None:
         """Files the requests that came before their round's opening, now that one opened (or
@@ -658,7 +674,8 @@ class SServer:
         """One test batch of the oldest pending evaluation (its result, after the last)."""
         steps, future = self.evaluations[0]
         try:
-            next(steps)
+            with autocast(self.cfg, self.device):
+                next(steps)
         except StopIteration as finished:
             self.evaluations.popleft()
             future.set_result(finished.value)

@@ -7,7 +7,10 @@ rest still run):
 * environment: GPU name and memory, torch / CUDA / cuDNN / Python / Ray versions and
   `ray.cluster_resources()`;
 * fractional_gpu: 3 rounds of fsl_sage on synthetic CIFAR-10 shapes on Ray with
-  `server_gpus: 0.5`, `client_gpus: 0.25`: each actor's `where()` and the run's metrics;
+  `server_gpus: 0.5`, `client_gpus: 0.25`: each actor's `where()` and the run's metrics, with
+  the per-round peak GPU memory of the S-Server and of the client actors (`peak_gpu_mib_server`,
+  `peak_gpu_mib_clients`, MiB; `peak_gpu_mib`: each one's largest over the rounds; none with
+  --cpu) — the S-Server keeps one client's aux state on the card (`offload_client_state: auto`);
 * recovery: the same config with a checkpoint every 2 rounds, a client actor armed to die in
   round 2: the run finishes, the actor came back in a new process, and the metrics equal an
   uninterrupted in-process run's to 1e-6;
@@ -15,7 +18,8 @@ rest still run):
   metrics equal to 1e-6 (fsl_sage: against the fractional_gpu run; splitfed_v2: a run of its
   own, except with --cpu);
 * paper_round: bench/paper_round.py's figures (full sizes on a GPU, unless --shrunk; shrunken,
-  fsl_sage only, with --cpu).
+  fsl_sage only, with --cpu);
+* paper_round_bf16: the same for fsl_sage with `amp: bf16` and `channels_last: true`.
 
 `--cpu` runs all of it without CUDA (no GPU shares, device cpu). Runs in a few minutes on one
 GPU (the 8 minutes it may take at most are mostly the full-size benchmark).
@@ -44,6 +48,7 @@ if ROOT not in sys.path:  # run as a script from anywhere
 from bench.paper_round import paper_config, run_paper_round  # noqa: E402
 from fslsage.config import Config  # noqa: E402
 from fslsage.experiment import LocalRuntime, prepare, run_experiment  # noqa: E402
+from fslsage.memory import PEAK_GPU_MIB  # noqa: E402
 
 METRICS = ["test_acc", "test_loss", "comm_gib", "sim_time_s"]  # as tests/test_ray_runtime.py
 TOLERANCE = 1e-6
@@ -93,8 +98,17 @@ def metric_diff(a: list[dict], b: list[dict]) -> float:
 
 
 def brief(rows: list[dict]) -> list[dict]:
-    keep = ["round", "train_loss", *METRICS]
-    return [{k: float(r[k]) if k != "round" else int(r[k]) for k in keep} for r in rows]
+    """The compared metrics of each round, and its peak GPU memory columns where there are
+    (`peak_gpu_mib_server`, `_clients`, …: on CUDA only)."""
+    peaks = sorted({k for r in rows for k in r if k.startswith(PEAK_GPU_MIB)})
+    keep = ["round", "train_loss", *METRICS, *peaks]
+    return [{k: float(r[k]) if k != "round" else int(r[k]) for k in keep if k in r} for r in rows]
+
+
+def peak_gpu(rows: list[dict]) -> dict[str, float]:
+    """Each actor kind's largest peak GPU memory over the run's rounds, in MiB (none on CPU)."""
+    peaks = {k for r in rows for k in r if k.startswith(PEAK_GPU_MIB)}
+    return {k: max(float(r[k]) for r in rows if k in r and r[k] == r[k]) for k in sorted(peaks)}
 
 
 def environment(cpu: bool) -> dict[str, Any]:
@@ -125,6 +139,7 @@ def fractional_gpu(cpu: bool, shared: dict[str, Any]) -> dict[str, Any]:
     shared["fsl_sage_ray"] = rows
     return {"wall_s": time.perf_counter() - start, "placement": placement,
             "server_gpus": cfg.server_gpus, "client_gpus": cfg.client_gpus,
+            "offload_client_state": cfg.offload_client_state, "peak_gpu_mib": peak_gpu(rows),
             "metrics": brief(rows)}  # fmt: skip
 
 
@@ -176,12 +191,20 @@ def parity(cpu: bool, shared: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def paper_round(cpu: bool, shrunk: bool) -> dict[str, Any]:
+FAST = ("amp=bf16", "channels_last=true")  # issue 19.2: what a GPU run would turn on
+
+
+def paper_round(cpu: bool, shrunk: bool, fast: bool = False) -> dict[str, Any]:
+    """The benchmark in float32 (all its algorithms), or with `fast` in bf16 autocast and
+    channels-last (fsl_sage only: the time left for it)."""
+    settings = list(FAST) if fast else []
     if cpu:
         tiny = ["device=cpu", "dataset_args.num_train=80", "dataset_args.num_test=16",
                 "num_clients=4", "align_buffer_size=16", "align_batch_size=16"]  # fmt: skip
-        return run_paper_round(False, tiny, rounds=2, algorithms=("fsl_sage",))
-    return run_paper_round(not shrunk, ["device=cuda"], rounds=2)
+        return run_paper_round(False, tiny + settings, rounds=2, algorithms=("fsl_sage",))
+    algorithms = ("fsl_sage",) if fast else ("fsl_sage", "splitfed_v2")
+    return run_paper_round(not shrunk, ["device=cuda", *settings], rounds=2,
+                           algorithms=algorithms)  # fmt: skip
 
 
 def part(report: dict[str, Any], name: str, fn: Callable[[], dict[str, Any]]) -> None:
@@ -225,6 +248,7 @@ def main() -> None:
             part(report, "recovery", lambda: recovery(args.cpu))
             part(report, "parity", lambda: parity(args.cpu, shared))
             part(report, "paper_round", lambda: paper_round(args.cpu, args.shrunk))
+            part(report, "paper_round_bf16", lambda: paper_round(args.cpu, args.shrunk, True))
         finally:
             ray.shutdown()
     report["seconds"] = time.perf_counter() - started

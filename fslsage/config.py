@@ -91,6 +91,9 @@ class Config:
     active_clients: int = 0  # clients training at once; 0: all
     # label-wise Gaussians: full covariance, its diagonal, or auto (diag above 1024 features)
     activation_covariance: Literal["auto", "full", "diag"] = "auto"
+    # each activation's weight in them: its client's progress count (the authors' code: newer
+    # activations weigh more) or 1 (plain count-weighted moments)
+    activation_weighting: Literal["progress", "count"] = "progress"
     server_lr_decay: bool = False  # server lr η₀/√t in global iteration t
     comm_budget_gib: float = 200.0
     # client profiles (SPEC §6): a name in fslsage.simulation.PROFILES, or auto (see below)
@@ -106,6 +109,10 @@ class Config:
     # on a GPU: deterministic cuDNN/cuBLAS kernels and no TF32 in every process that computes,
     # so the runtimes agree there as they do on the CPU; off: cuDNN picks its fastest kernels
     deterministic: bool = False
+    # bf16 autocast of client, aux and server compute and of evaluation (what travels stays
+    # float32, as the dry-run plans it); channels_last: convolution weights in NHWC layout
+    amp: Literal["off", "bf16"] = "off"
+    channels_last: bool = False
     runtime: Literal["local", "ray"] = "local"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     client_gpus: float = 0.0
@@ -116,6 +123,11 @@ class Config:
     server_batching: Literal["exact", "coalesce"] = "exact"
     max_batch: int = 8
     max_wait_ms: float = 5.0
+    # the S-Server's per-client state (fsl_sage's aux models, their optimizers and alignment
+    # buffers; splitfed_v1's server copies) on its device only while that client is served, on
+    # the CPU otherwise: auto = where the S-Server computes on CUDA (not on/off: YAML reads
+    # those as booleans)
+    offload_client_state: Literal["auto", "always", "never"] = "auto"
     checkpoint_every: int = 0
     search: dict = field(default_factory=dict)
 

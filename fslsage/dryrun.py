@@ -13,7 +13,7 @@ import torch
 
 from fslsage.algorithms import build_algorithm
 from fslsage.algorithms.base import Algorithm, ComputeCosts, TrafficSizes, first_round
-from fslsage.config import Config
+from fslsage.config import Config, ConfigError
 from fslsage.data import client_sizes, describe_dataset
 from fslsage.data.base import CLASSIFICATION
 from fslsage.ledger import GIB, Ledger
@@ -62,7 +62,14 @@ def _compute_costs(model: str, model_args: str, dataset: str, dataset_args: str)
 
 def planned_client_sizes(cfg: Config) -> list[int]:
     info = describe_dataset(cfg.dataset, **cfg.dataset_args)
-    return client_sizes(cfg.partition, info.num_train, cfg.num_clients, cfg.shards_per_client)
+    num_classes = info.num_classes if info.task == CLASSIFICATION else 1  # as `prepare` labels
+    try:
+        return client_sizes(cfg.partition, info.num_train, cfg.num_clients,
+                            cfg.shards_per_client, alpha=cfg.alpha, seed=cfg.seed,
+                            num_classes=num_classes)  # fmt: skip
+    except ValueError as e:  # as `prepare` says it: too few samples for the clients
+        raise ConfigError("num_clients", f"{e}: {cfg.dataset} has {info.num_train} training "
+                                         "samples") from None  # fmt: skip
 
 
 def planned_clock(cfg: Config) -> RoundClock:

@@ -38,6 +38,8 @@ from fslsage.data import (
 from fslsage.data.base import CLASSIFICATION, Dataset, DatasetInfo
 from fslsage.dryrun import planned_clock
 from fslsage.ledger import Ledger
+from fslsage.memory import peak_gpu_columns, peak_gpu_mib
+from fslsage.precision import autocast
 from fslsage.results import write_parquet_atomic
 from fslsage.transport import local_send, run_client_round
 
@@ -190,12 +192,17 @@ class RoundOutcome:
     ledger: list  # Ledger entries of every client in this round
     server_metrics: dict[str, float] = field(default_factory=dict)
     sim_seconds: float | None = None  # an asynchronous schedule's own clock; else the §6 clock
+    # the round's peak GPU memory columns (`fslsage.memory.peak_gpu_columns`; none on the CPU)
+    peak_gpu_mib: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def from_reports(cls, reports: list[ClientReport], server_metrics: dict) -> RoundOutcome:
+    def from_reports(
+        cls, reports: list[ClientReport], server_metrics: dict, peak_gpu_mib: dict | None = None
+    ) -> RoundOutcome:
         n = sum(r.num_samples for r in reports)
         loss = sum(r.train_loss * r.num_samples for r in reports) / n
-        return cls(loss, [e for r in reports for e in r.ledger], server_metrics)
+        return cls(loss, [e for r in reports for e in r.ledger], server_metrics,
+                   peak_gpu_mib=peak_gpu_mib or {})  # fmt: skip
 
 
 class Runtime(Protocol):
@@ -270,22 +277,30 @@ class LocalRuntime:
             reports.append(run_client_round(self.algo, client, shard, t, weights, self.send))
         self.global_weights = self.algo.for_round(t).aggregate(reports)
         server_metrics = self.server.end_round(t) if self.server is not None else {}
-        return RoundOutcome.from_reports(reports, server_metrics)
+        return RoundOutcome.from_reports(reports, server_metrics, self._peak_gpu_mib())
 
     def _run_global_iteration(self, t: int) -> RoundOutcome:
         ledger, started = Ledger(), self.schedule.now
-        self.global_weights, loss = self.algo.global_iteration(
-            t, self.schedule.global_iteration(), self.clients, self.streams, self.global_weights,
-            self.send, ledger,
-        )  # fmt: skip
+        with autocast(self.cfg, self.device):
+            self.global_weights, loss = self.algo.global_iteration(
+                t, self.schedule.global_iteration(), self.clients, self.streams,
+                self.global_weights, self.send, ledger,
+            )  # fmt: skip
         return RoundOutcome(float(loss), ledger.entries(), self.server.end_round(t),
-                            sim_seconds=self.schedule.now - started)  # fmt: skip
+                            sim_seconds=self.schedule.now - started,
+                            peak_gpu_mib=self._peak_gpu_mib())  # fmt: skip
+
+    def _peak_gpu_mib(self) -> dict[str, float]:
+        """This process's peak GPU memory since the last round's reading (the evaluation
+        between rounds counts in the next round): the `peak_gpu_mib` column, none on the CPU."""
+        return peak_gpu_columns(local=peak_gpu_mib(self.device))
 
     def evaluate(self) -> tuple[float, float]:
         server_model = self.server.eval_model() if self.server is not None else None
         model = self.algo.eval_module(self.global_weights, server_model, self.device)
-        return evaluate(model, self.test_x, self.test_y, self.prepared.info,
-                        self.cfg.eval_batch_size, self.device)  # fmt: skip
+        with autocast(self.cfg, self.device):
+            return evaluate(model, self.test_x, self.test_y, self.prepared.info,
+                            self.cfg.eval_batch_size, self.device)  # fmt: skip
 
     def close(self) -> None:
         self.settings_before.apply()
@@ -344,6 +359,7 @@ def run_experiment(
             row["test_perplexity"] = math.exp(min(test_loss, 700.0))  # inf beyond float range
         if cfg.algorithm == "fsl_sage":
             row["align_loss"] = outcome.server_metrics.get("align_loss", float("nan"))
+        row.update(outcome.peak_gpu_mib)  # peak_gpu_mib* columns: on CUDA only
         rows.append(row)
         if out_dir is not None:
             write_parquet_atomic(pd.DataFrame(rows), Path(out_dir) / "metrics.parquet")

@@ -128,11 +128,14 @@ def is_sweep_folder(sweep_dir: Path) -> bool:
 
 
 def cluster_size() -> dict[str, float]:
-    """The CPUs and GPUs of the cluster this process joined, as trials are sized by them."""
+    """The CPUs, GPUs and accelerator types of the cluster this process joined, as trials are
+    sized by them (without its accelerator type, a trial's S-Server would fit nowhere, and the
+    trial would get one client actor)."""
     import ray
 
     resources = ray.cluster_resources()
-    return {k: resources.get(k, 0.0) for k in ("CPU", "GPU")}
+    accelerators = {k: v for k, v in resources.items() if k.startswith("accelerator_type:")}
+    return {"CPU": resources.get("CPU", 0.0), "GPU": resources.get("GPU", 0.0), **accelerators}
 
 
 def check_cluster(base: dict[str, Any], state: dict[str, Any] | None) -> None:

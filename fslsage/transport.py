@@ -19,6 +19,7 @@ from fslsage.algorithms.base import (
 from fslsage.data import local_batch_sizes
 from fslsage.ledger import Ledger, state_bytes, tensor_bytes
 from fslsage.models import communicated_state
+from fslsage.precision import as_sent, autocast
 
 # send(method, client_id, *args, last=False): delivers one request to the S-Server, returns its
 # answer; `last`: the client's last request of the round (the S-Server need not wait for more).
@@ -60,10 +61,12 @@ class RecordingLink:
         self._book("labels", "up", tensor_bytes(y))
 
     def upload(self, z: Tensor, y: Tensor) -> None:
+        z = as_sent(z)
         self._book_upload(z, y)
         self._request("upload", z, y)
 
     def exchange(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        z = as_sent(z)
         self._book_upload(z, y)
         grad, loss = self._request("exchange", z, y)
         self._book("gradients", "down", tensor_bytes(grad))
@@ -98,7 +101,8 @@ def run_client_round(
     expected = algo.server_requests(t, local_batch_sizes(len(shard), cfg.batch_size,
                                                          cfg.local_epochs))  # fmt: skip
     link = RecordingLink(client.cid, t, ledger, send, expected)
-    loss = algo.train_round(client, batches, link, t)
+    with autocast(cfg, next(client.parts["client_model"].parameters()).device):
+        loss = algo.train_round(client, batches, link, t)
     link.close()
     weights = {p: clone_state(communicated_state(client.parts[p])) for p in algo.federated_parts}
     for part, state in weights.items():

@@ -8,7 +8,7 @@ import torch
 from helpers import demo_config, synchronous_algorithms
 
 from fslsage.algorithms import ALGORITHMS
-from fslsage.algorithms.base import loss_fn, weighted_average
+from fslsage.algorithms.base import clone_state, loss_fn, weighted_average
 from fslsage.algorithms.splitfed_v1 import PerClientServer
 from fslsage.data import local_batch_sizes
 from fslsage.experiment import LocalRuntime, prepare, run_experiment
@@ -119,7 +119,7 @@ def test_fsl_sage_alignment_lowers_alignment_loss_and_aux_models_stay_per_client
     runtime = LocalRuntime(prepare(cfg))
     runtime.run_round(1)  # aligns, on the first uploaded batch
     assert "align_loss" not in runtime.run_round(2).server_metrics
-    assert all(len(b) > 0 for b in runtime.server.buffers)
+    assert all(len(s.buffer) > 0 for s in runtime.server.aux.stored())
     outcome = runtime.run_round(3)  # an alignment round
     metrics = outcome.server_metrics
     assert metrics["align_loss"] < 0.8 * metrics["align_loss_before"], metrics
@@ -128,7 +128,7 @@ def test_fsl_sage_alignment_lowers_alignment_loss_and_aux_models_stay_per_client
     auxes = [c.parts["aux_model"].state_dict() for c in runtime.clients]
     for cid, aux in enumerate(auxes):
         # the client holds exactly what its own S-Server copy was aligned to ...
-        for key, value in runtime.server.aux[cid].state_dict().items():
+        for key, value in runtime.server.aux[cid].model.state_dict().items():
             torch.testing.assert_close(aux[key], value)
     # ... and every client's differs from the others' (nothing averaged them)
     key = next(iter(auxes[0]))
@@ -140,7 +140,7 @@ def test_fsl_sage_eager_targets_are_stored_at_upload():
     runtime = LocalRuntime(prepare(cfg))
     runtime.run_round(1)
     runtime.run_round(2)
-    z, y, g = runtime.server.buffers[0].tensors
+    z, y, g = runtime.server.aux[0].buffer.tensors
     assert g.shape == z.shape and len(y) == len(z) <= cfg.align_buffer_size
     assert runtime.run_round(3).server_metrics["align_loss"] > 0
 
@@ -149,7 +149,7 @@ def test_fsl_sage_alignment_buffer_is_fifo_and_bounded():
     cfg = demo_config(algorithm="fsl_sage", align_buffer_size=40, align_interval=5)
     runtime = LocalRuntime(prepare(cfg))
     runtime.run_round(1)
-    buffer = runtime.server.buffers[0]
+    buffer = runtime.server.aux[0].buffer
     z_before = buffer.tensors[0].clone()
     assert len(buffer) == 40
     runtime.run_round(2)
@@ -177,12 +177,13 @@ def test_splitfed_v1_averages_the_server_copies_at_round_end():
     for cid, n in ((0, 10), (2, 30)):
         z = torch.randn(n, 32, 4, 4)
         server.on_exchange(cid, z, torch.randint(0, 10, (n,)))
-    states = [{k: v.clone() for k, v in server.copies[i].state_dict().items()} for i in (0, 2)]
+    states = [clone_state(server.copies[i].model.state_dict()) for i in (0, 2)]
     key = next(k for k in states[0] if states[0][k].is_floating_point())
     assert not torch.equal(states[0][key], states[1][key])
     expected = weighted_average(states, [10, 30])
     server.end_round(1)
-    for model in [server.model, *server.copies]:  # client 1 sent nothing: its copy is reset too
+    copies = [c.model for c in server.copies.stored()]
+    for model in [server.model, *copies]:  # client 1 sent nothing: its copy is reset too
         for k, v in model.state_dict().items():
             torch.testing.assert_close(v, expected[k])
 

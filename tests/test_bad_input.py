@@ -119,7 +119,7 @@ BAD = {
     "perplexity of a classifier": Bad(
         sets("search.metric=test_perplexity"), "search.metric", ("digits has classes",)
     ),
-    "adam misspelt": Bad(sets("optimizer=adamW"), "optimizer", ("did you mean 'adamw'?",)),
+    "adamw misspelt": Bad(sets("optimizer=adamww"), "optimizer", ("did you mean 'adamw'?",)),
     # unknown registry names: did-you-mean plus the list of names
     "unknown algorithm": Bad(
         sets("algorithm=fsl_sag"), "algorithm", ("did you mean 'fsl_sage'?", ALGOS)

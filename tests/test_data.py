@@ -81,7 +81,7 @@ def test_registry_lists_every_dataset_and_partition():
     assert DATASETS.names() == [
         "cifar10", "cifar100", "cinic10", "digits", "e2e", "fmnist", "synthetic",
     ]  # fmt: skip
-    assert PARTITIONS.names() == ["dirichlet", "iid", "shards"]
+    assert PARTITIONS.names() == ["dirichlet", "dirichlet_by_class", "iid", "shards"]
     with pytest.raises(UnknownNameError, match="did you mean 'cifar10'"):
         describe_dataset("cifar-10")
     with pytest.raises(TypeError, match="seq_len"):

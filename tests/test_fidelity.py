@@ -22,9 +22,9 @@ def test_the_first_round_aligns_and_its_clients_use_the_aligned_aux_model():
     initial = {k: v.clone() for k, v in runtime.clients[0].parts["aux_model"].state_dict().items()}
     outcome = runtime.run_round(1)
     assert outcome.server_metrics["align_loss"] >= 0
-    for client, aligned in zip(runtime.clients, runtime.server.aux, strict=True):
+    for client, aligned in zip(runtime.clients, runtime.server.aux.stored(), strict=True):
         used = client.parts["aux_model"].state_dict()
-        assert all(torch.equal(used[k], v) for k, v in aligned.state_dict().items())
+        assert all(torch.equal(used[k], v) for k, v in aligned.model.state_dict().items())
     assert any(not torch.equal(used[k], initial[k]) for k in initial)  # not the random head
     # a real run books the aux download the dry-run plans: once per client, in round 1
     measured = Ledger()
@@ -68,6 +68,6 @@ def test_aux_models_have_their_own_optimizer():
     sage = demo_config(algorithm="fsl_sage", aux_lr=0.02, aux_weight_decay=0.001,
                        aux_optimizer="sgd")  # fmt: skip
     server = LocalRuntime(prepare(sage)).server
-    (group,) = server.aux_opts[0].param_groups
-    assert isinstance(server.aux_opts[0], torch.optim.SGD)
+    (group,) = server.aux[0].opt.param_groups
+    assert isinstance(server.aux[0].opt, torch.optim.SGD)
     assert (group["lr"], group["weight_decay"]) == (0.02, 0.001)

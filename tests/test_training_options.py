@@ -100,7 +100,8 @@ def test_the_schedule_reaches_client_and_server_models_but_not_aux_models(algori
         for opt in server_opts:
             assert opt.param_groups[0]["lr"] == pytest.approx(want)
     if algorithm == "fsl_sage":
-        assert all(o.param_groups[0]["lr"] == cfg.aux_lr for o in runtime.server.aux_opts)
+        aux_opts = [state.opt for state in runtime.server.aux.stored()]
+        assert all(o.param_groups[0]["lr"] == cfg.aux_lr for o in aux_opts)
 
 
 def test_label_smoothing_is_torchs_and_keeps_ignored_targets_out():

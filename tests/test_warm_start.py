@@ -60,7 +60,7 @@ def test_round_zero_is_a_cse_fsl_round_and_hands_its_aux_model_on():
     for start in aligned_from:  # every S-Server copy was aligned from the warm aux model
         for key, value in start.items():
             assert torch.equal(value, warm_aux[key])
-    for client, aux in zip(runtime.clients, runtime.server.aux, strict=True):
+    for client, (aux, _, _) in zip(runtime.clients, runtime.server.aux.stored(), strict=True):
         # the client uses the aligned model it got, and never trains it
         for key, value in client.parts["aux_model"].state_dict().items():
             assert torch.equal(value, aux.state_dict()[key])

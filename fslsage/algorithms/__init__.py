@@ -20,9 +20,11 @@ def build_algorithm(cfg: Config, info: DatasetInfo) -> Algorithm:
     import torch
 
     from fslsage.models import build_model
+    from fslsage.precision import apply_memory_format
 
     torch.manual_seed(cfg.seed)
     split = build_model(cfg.model, info, **cfg.model_args)
+    apply_memory_format(split, cfg)
     return ALGORITHMS.get(cfg.algorithm)(cfg, split)
 
 

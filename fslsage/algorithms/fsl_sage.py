@@ -32,6 +32,7 @@ reference does (BN normalises over the buffer and updates its running statistics
 from __future__ import annotations
 
 import copy
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -54,6 +55,7 @@ from fslsage.algorithms.base import (
     uploads,
 )
 from fslsage.algorithms.cse_fsl import UploadServer
+from fslsage.memory import ClientStates, offloads_client_state
 from fslsage.models import communicated_state
 
 
@@ -93,32 +95,50 @@ class FifoBuffer:
         return len(self.tensors[0]) if self.tensors else 0
 
 
+class AuxState(NamedTuple):
+    """What the S-Server keeps for one client: its copy of the client's aux model, that copy's
+    optimizer and the FIFO of the client's uploads."""
+
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    buffer: FifoBuffer
+
+
 class AligningServer(UploadServer):
     """The S-Server of FSL-SAGE: steps on uploads, buffers them, aligns auxiliary models."""
 
     def __init__(self, model, cfg, num_clients, aux_init: torch.nn.Module):
         super().__init__(model, cfg, num_clients)
         device = next(model.parameters()).device
-        self.aux = [copy.deepcopy(aux_init).to(device) for _ in range(num_clients)]
-        self.aux_opts = [aux_optimizer(a, cfg) for a in self.aux]
-        self.buffers = [FifoBuffer(cfg.align_buffer_size) for _ in range(num_clients)]
+        # client i's state, on the device only while i is served when offloading
+        self.aux = ClientStates([self.new_state(aux_init) for _ in range(num_clients)], device,
+                                offloads_client_state(cfg, device))  # fmt: skip
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed + 7919)
 
+    def new_state(self, aux_init: torch.nn.Module) -> AuxState:
+        aux = copy.deepcopy(aux_init).cpu()
+        return AuxState(aux, aux_optimizer(aux, self.cfg), FifoBuffer(self.cfg.align_buffer_size))
+
     def on_upload(self, cid, z, y):
-        if self.cfg.align_targets == "eager":  # targets from the server the upload met
-            g = true_cut_gradient(self.model, z, y, self.cfg)
-            self.buffers[cid].append(z, y, g)
-        else:
-            self.buffers[cid].append(z, y)
+        self.keep_upload(cid, z, y)
         super().on_upload(cid, z, y)
+
+    def keep_upload(self, cid, z, y):
+        """The upload goes into client cid's alignment buffer (eager: with its target, from
+        the server the upload met)."""
+        buffer = self.aux[cid].buffer
+        if self.cfg.align_targets == "eager":
+            buffer.append(z, y, true_cut_gradient(self.model, z, y, self.cfg))
+        else:
+            buffer.append(z, y)
 
     def start_from(self, global_weights):
         """After the warm start every client holds the averaged aux model: so do our copies."""
-        for aux in self.aux:
-            aux.load_state_dict(global_weights["aux_model"], strict=False)
+        for state in self.aux.stored():
+            state.model.load_state_dict(global_weights["aux_model"], strict=False)
 
     def on_align(self, cid):
-        buffer, aux, opt = self.buffers[cid], self.aux[cid], self.aux_opts[cid]
+        aux, opt, buffer = self.aux[cid]
         if len(buffer) > 0:
             z, y, *stored = buffer.tensors
             g = stored[0] if stored else true_cut_gradient(self.model, z, y, self.cfg)

@@ -5,36 +5,55 @@ network traffic) and the average is loaded into every copy."""
 from __future__ import annotations
 
 import copy
+from typing import NamedTuple
+
+import torch
+from torch import nn
 
 from fslsage.algorithms import ALGORITHMS
 from fslsage.algorithms.base import Server, make_optimizer, server_step, weighted_average
 from fslsage.algorithms.splitfed_v2 import SplitFedV2
+from fslsage.memory import ClientStates, OnDevice, offloads_client_state
+
+
+class ServerCopy(NamedTuple):
+    """Client i's copy of the server model and its optimizer: every copy keeps its own optimizer
+    state across rounds, like a client's optimizer."""
+
+    model: nn.Module
+    opt: torch.optim.Optimizer
 
 
 class PerClientServer(Server):
     def __init__(self, model, cfg, num_clients):
         super().__init__(model, cfg, num_clients)
-        # Every copy keeps its own optimizer state across rounds, like a client's optimizer.
-        self.copies = [copy.deepcopy(model) for _ in range(num_clients)]
-        self.copy_opts = [make_optimizer(m, cfg) for m in self.copies]
+        device = next(model.parameters()).device
+        # made on the CPU; on the device only while its client is served when offloading
+        self.copies = ClientStates([self.new_copy() for _ in range(num_clients)], device,
+                                   offloads_client_state(cfg, device))  # fmt: skip
         self.samples_seen = [0] * num_clients
 
+    def new_copy(self) -> ServerCopy:
+        model = copy.deepcopy(self.model).cpu()
+        return ServerCopy(model, make_optimizer(model, self.cfg))
+
     def scheduled_optimizers(self):
-        return [self.opt, *self.copy_opts]
+        return [self.opt, *(c.opt for c in self.copies.stored())]
 
     def on_exchange(self, cid, z, y):
-        smoothing = self.cfg.label_smoothing
-        loss, grad = server_step(self.copies[cid], self.copy_opts[cid], z, y, smoothing)
+        model, opt = self.copies[cid]
+        loss, grad = server_step(model, opt, z, y, self.cfg.label_smoothing)
         self.samples_seen[cid] += len(y)
         return grad, loss
 
     def end_round(self, t):
         used = [i for i, n in enumerate(self.samples_seen) if n > 0]
         if used:
-            avg = weighted_average(
-                [self.copies[i].state_dict() for i in used], [self.samples_seen[i] for i in used]
-            )
-            for m in [self.model, *self.copies]:
+            copies, device = self.copies.stored(), self.copies.device
+            # each copy's tensors reach the device one at a time, wherever the copy is kept
+            avg = weighted_average([OnDevice(copies[i].model.state_dict(), device) for i in used],
+                                   [self.samples_seen[i] for i in used])  # fmt: skip
+            for m in [self.model, *(c.model for c in copies)]:
                 m.load_state_dict(avg)
         self.samples_seen = [0] * self.num_clients
         return super().end_round(t)
