@@ -94,8 +94,8 @@ class ClientActor:
         """Round t for `cids`, in order, all starting from `weights`. Returns 1 + len(cids)
         values (call with num_returns=1 + len(cids)): the summary (the reports without weights,
         and this actor's peak GPU memory in the call, `peak_gpu_mib`: None off CUDA), then each
-        client's weights as its own object, so the aggregation task (or, for a sequential
-        algorithm, the next client) reads them from the object store, not via the driver."""
+        client's weights as its own object, so the aggregation task (or, in a relay, the
+        next stage's clients) reads them from the object store, not via the driver."""
         reports: list[ClientReport] = []
         states: list[dict[str, State]] = []
         self._prepare_round()

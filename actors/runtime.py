@@ -441,9 +441,6 @@ class RayRuntime:
         self.replicas: list[Any] = []  # server_mode stateless: the S-Server's replicas
         for _ in range(cfg.server_replicas if cfg.server_mode == "stateless" else 0):
             self.add_replica()
-        self.actor_of = {
-            cid: a for a, cids in zip(self.client_actors, self.owned, strict=True) for cid in cids
-        }
         self._wait_until_started()
         # gas: the F-Server plans each global iteration's events (they depend on no training)
         self.schedule = (
@@ -606,25 +603,24 @@ class RayRuntime:
         return started
 
     def _round_calls(self, t: int, weights: ray.ObjectRef) -> ClientCalls:
-        """A synchronous round: every client trains from `weights` (a sequential algorithm's
-        from the client before it); each actor runs its own clients in id order."""
+        """A synchronous round, stage by stage (`Algorithm.round_stages`): the clients of a stage
+        train from `weights` or, after the first stage, from the weights the stage before handed
+        on (through the object store); each actor runs its own clients of a stage in id order."""
         cids = list(range(self.cfg.num_clients))
         report_refs: list[ray.ObjectRef] = []
         weight_of: dict[int, ray.ObjectRef] = {}  # each client's weights, in the object store
-        if self.algo.sequential:  # one client after another, the model handed on via the store
-            handed_on = weights
-            for cid in cids:
-                call = self.actor_of[cid].run_round.options(num_returns=2)
-                reports, handed_on = call.remote(t, self.epoch, handed_on, [cid])
-                report_refs.append(reports)
-                weight_of[cid] = handed_on
-        else:
+        for stage in self.algo.for_round(t).round_stages(cids):
+            members = set(stage)
             for actor, owned in zip(self.client_actors, self.owned, strict=True):
+                mine = [cid for cid in owned if cid in members]
+                if not mine:
+                    continue
                 reports, *client_weights = actor.run_round.options(
-                    num_returns=1 + len(owned)
-                ).remote(t, self.epoch, weights, owned)
+                    num_returns=1 + len(mine)
+                ).remote(t, self.epoch, weights, mine)
                 report_refs.append(reports)
-                weight_of.update(zip(owned, client_weights, strict=True))
+                weight_of.update(zip(mine, client_weights, strict=True))
+            weights = weight_of[stage[-1]]  # what the next stage starts from
         return ClientCalls(report_refs, [weight_of[c] for c in cids], cids)
 
     def _global_iteration_calls(self, t: int, weights: ray.ObjectRef) -> ClientCalls:

@@ -25,9 +25,10 @@ Batching policies:
   * ``coalesce``: up to `max_batch` ready requests of the same kind that arrive within
     `max_wait_ms` are concatenated into one forward/backward and ONE optimizer step; each client
     gets back the gradient of its own mean loss, all at the pre-step weights. A documented
-    semantic change: fewer, larger server steps (measured in bench/server_batching.py). Only the
-    shared-model handlers are coalesced (SharedServer exchanges, UploadServer/AligningServer
-    uploads); everything else still runs one request at a time.
+    semantic change: fewer, larger server steps (measured in bench/server_batching.py). Only
+    the kinds the server has a batched handler for are coalesced (`Server.batch_handler`: today
+    the shared-model exchanges of sl and splitfed_v2, the uploads of cse_fsl and fsl_sage);
+    everything else still runs one request at a time.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ from typing import Any
 
 import ray
 import torch
-from torch import Tensor
 
 from actors.channel import ANSWERED, new_key, serve
 from actors.common import (
@@ -56,14 +56,10 @@ from actors.common import (
     pack,
     unpack,
 )
-from fslsage.algorithms.base import IGNORE_INDEX, Algorithm, Server, State, loss_fn
-from fslsage.algorithms.cse_fsl import UploadServer
-from fslsage.algorithms.fsl_sage import AligningServer
-from fslsage.algorithms.splitfed_v2 import SharedServer
+from fslsage.algorithms.base import Algorithm, State
 from fslsage.experiment import apply_compute_settings, evaluate, evaluation_steps
 from fslsage.memory import peak_gpu_columns, peak_gpu_mib
 from fslsage.precision import autocast
-from fslsage.stateless import StatelessServer
 
 log = logging.getLogger(__name__)
 
@@ -92,63 +88,6 @@ class Request:
     args: tuple = ()
     future: asyncio.Future | None = None
     arrival: int = 0
-
-
-# ----------------------------------------------------------------------------- coalesced maths
-def coalesced_step(
-    model: torch.nn.Module, opt: torch.optim.Optimizer, zs: list[Tensor], ys: list[Tensor],
-    label_smoothing: float = 0.0,
-) -> tuple[Tensor, list[Tensor], list[Tensor]]:  # fmt: skip
-    """One optimizer step on the concatenated requests. The step's loss is the mean over all
-    their samples (exactly `server_step` on `torch.cat`); request i gets ∂(its own mean loss)/∂z_i
-    — the shared gradient's slice rescaled by total/own sample count — and its own mean loss.
-    Returns (step loss, per-request gradients, per-request losses)."""
-    sizes = [len(z) for z in zs]
-    z = torch.cat(zs).detach().requires_grad_(True)
-    y = torch.cat(ys)
-    per_sample = loss_fn(model(z), y, "none", label_smoothing).view(len(y), -1).sum(1)
-    counts = [(yi != IGNORE_INDEX).sum() for yi in ys]  # labelled targets, as loss_fn's mean
-    total = torch.stack(counts).sum().clamp(min=1)
-    loss = per_sample.sum() / total
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    own = [c.clamp(min=1) for c in counts]
-    grads = [g * (total / c) for g, c in zip(z.grad.split(sizes), own, strict=True)]
-    losses = [p.sum() / c for p, c in zip(per_sample.detach().split(sizes), own, strict=True)]
-    return loss.detach(), grads, losses
-
-
-def _exchange_batch(server: Server, reqs: list[Request]) -> list[Any]:
-    smoothing = server.cfg.label_smoothing
-    _, grads, losses = coalesced_step(server.model, server.opt, *_zy(reqs), smoothing)
-    return list(zip(grads, losses, strict=True))
-
-
-def _upload_batch(server: Server, reqs: list[Request]) -> list[Any]:
-    if isinstance(server, AligningServer):  # the buffering half of AligningServer.on_upload
-        for r in reqs:
-            server.keep_upload(r.cid, *r.args)
-    loss, _, _ = coalesced_step(server.model, server.opt, *_zy(reqs), server.cfg.label_smoothing)
-    server.log("server_loss", loss)
-    return [None] * len(reqs)
-
-
-def _zy(reqs: list[Request]) -> tuple[list[Tensor], list[Tensor]]:
-    return [r.args[0] for r in reqs], [r.args[1] for r in reqs]
-
-
-def coalescer(server: Server | None, kind: str) -> Callable[[Server, list[Request]], list] | None:
-    """The batched handler for requests of `kind`, where the server's handler is one we know to
-    be a single step of one shared model (subclasses that override it are never coalesced)."""
-    if server is None:
-        return None
-    cls = type(server)
-    if kind == "exchange" and cls.on_exchange is SharedServer.on_exchange:
-        return _exchange_batch
-    if kind == "upload" and cls.on_upload in (UploadServer.on_upload, AligningServer.on_upload):
-        return _upload_batch
-    return None
 
 
 # ----------------------------------------------------------------------------- the actor
@@ -280,8 +219,7 @@ class SServer:
 
     async def _publish_if_stepped(self, wait: bool = False) -> None:
         """After the reducer stepped: its new weights to every replica."""
-        stateless = isinstance(self.server, StatelessServer)
-        if stateless and self.server.version != self.published_version:
+        if self._publishes() and self.server.version != self.published_version:
             await self._publish(wait)
 
     async def _publish(self, wait: bool) -> None:
@@ -524,7 +462,7 @@ class SServer:
             blob, self.state_after = req.args
             self.rejected = None
             self.server = await self._compute(loads, blob, self.device)
-            if isinstance(self.server, StatelessServer):  # the replicas go back with it
+            if self._publishes():  # the replicas go back with it
                 await self._publish(wait=True)
             return None
         if req.kind == "stats":
@@ -538,7 +476,7 @@ class SServer:
         if first is None:
             return []
         batch = [first]
-        if self.batching == "exact" or coalescer(self.server, first.kind) is None:
+        if self.batching == "exact" or self._batch_handler(first.kind) is None:
             return batch
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_wait
@@ -563,7 +501,7 @@ class SServer:
                 _fail(r, RoundAborted(f"request of round attempt {r.epoch}"))
         if not live:
             return
-        fn = coalescer(self.server, live[0].kind) if len(live) > 1 else None
+        fn = self._batch_handler(live[0].kind) if len(live) > 1 else None
         try:
             if fn is not None:
                 results = await self._compute(self._run_batch, fn, live)
@@ -633,15 +571,22 @@ class SServer:
                          f"{after}, but this S-Server holds the state after attempt "
                          f"{self.state_after}: Ray restarted it")  # fmt: skip
 
+    def _batch_handler(self, kind: str) -> Callable[[list[tuple]], list] | None:
+        """The server's handler of several `kind` requests at once (`Server.batch_handler`);
+        None: they are served one at a time."""
+        return self.server.batch_handler(kind) if self.server is not None else None
+
+    def _publishes(self) -> bool:
+        """Whether the server's weights go out to stateless replicas (`Server.publishes`)."""
+        return self.server is not None and self.server.publishes
+
     # -- on the compute thread -----------------------------------------------------------------
     def _run_one(self, req: Request) -> Any:
         handler = getattr(self.server, f"on_{req.kind}")
         return pack(handler(req.cid, *unpack(req.args, self.device)))
 
     def _run_batch(self, fn: Callable, reqs: list[Request]) -> list[Any]:
-        for r in reqs:
-            r.args = unpack(r.args, self.device)
-        return pack(fn(self.server, reqs))
+        return pack(fn([(r.cid, *unpack(r.args, self.device)) for r in reqs]))
 
     def _evaluate(self, weights: dict[str, State]) -> tuple[float, float]:
         return evaluate(self._global_model(weights), self.test_x, self.test_y, self.info,

@@ -64,6 +64,9 @@ class Config:
     label_smoothing: float = 0.0
     server_update_interval: int = 5  # q
     align_interval: int = 10  # l
+    # the first round fsl_sage aligns in, then every l-th: 1 as the reference (its t = 0); l
+    # aligns in rounds l, 2l, ... (clients train their first l − 1 rounds on the initial aux)
+    first_align_round: int = 1
     align_buffer_size: int = 1000
     align_epochs: int = 100
     align_batch_size: int = 1000
@@ -128,18 +131,26 @@ class Config:
     # the CPU otherwise: auto = where the S-Server computes on CUDA (not on/off: YAML reads
     # those as booleans)
     offload_client_state: Literal["auto", "always", "never"] = "auto"
-    checkpoint_every: int = 0
+    # the whole experiment to <out>/checkpoints/ every this many rounds (a Ray run also keeps
+    # one in the object store to recover lost actors); 0: never
+    checkpoint_every: int = 10
+    # the figures' GiB and simulated-time axes: log where the data spans more than two decades
+    plot_x_scale: Literal["auto", "log", "linear"] = "auto"
     search: dict = field(default_factory=dict)
 
     @property
     def network_profile(self) -> str:
-        """`network` with "auto" resolved: GAS's wireless setting where gas runs, else all
-        equal. A sweep resolves it once for all its trials (their times must compare): wireless
-        if any of them can run gas."""
+        """`network` with "auto" resolved: the algorithm's own setting (`Algorithm.network`:
+        wireless for gas, as its paper), else all equal. A sweep resolves it once for all its
+        trials (their times must compare): wireless if any of them can run an algorithm that
+        asks for it. An unknown algorithm (validation names it) asks for nothing."""
         if self.network != "auto":
             return self.network
+        from fslsage.algorithms import ALGORITHMS
+
         algorithms = search_choices(self.search.get("algorithm")) or [self.algorithm]
-        return "wireless" if "gas" in algorithms else "equal"
+        asked = {ALGORITHMS.get(a).network for a in algorithms if a in ALGORITHMS}
+        return "wireless" if "wireless" in asked else "equal"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -157,8 +168,8 @@ _POSITIVE = ("alpha", "lr", "aux_lr", "comm_budget_gib", "client_cpus", "server_
 _AT_LEAST_ONE = (
     "num_clients", "rounds", "local_epochs", "batch_size", "eval_batch_size", "shards_per_client",
     "server_update_interval", "align_interval", "align_buffer_size", "align_epochs",
-    "align_batch_size", "max_batch", "local_iters", "model_buffer", "activation_buffer",
-    "server_replicas", "threads",
+    "align_batch_size", "first_align_round", "max_batch", "local_iters", "model_buffer",
+    "activation_buffer", "server_replicas", "threads",
 )  # fmt: skip
 _NON_NEGATIVE = (
     "weight_decay", "aux_weight_decay", "momentum", "grad_clip", "warmup_rounds", "client_gpus",
@@ -173,7 +184,7 @@ NAME_MAX = 100  # characters of `name`: one folder name, well within any file sy
 SEARCH_SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
 SEARCH_OPTIONS = (
     "num_samples", "scheduler", "metric", "mode", "grace_gib", "reduction_factor",
-    "max_concurrent",
+    "max_concurrent", "max_failures",
 )  # fmt: skip
 SEARCH_SCHEDULERS = ("fifo", "asha")
 SEARCH_METRICS = {  # metric: its mode
@@ -302,8 +313,9 @@ def _check_registries(cfg: Config) -> None:
         raise ConfigError(
             "search.metric", f"test_perplexity is a language model's; {cfg.dataset} has classes"
         )
-    if cfg.algorithm == "gas" and info.task != CLASSIFICATION:
-        raise ConfigError("algorithm", f"gas needs class labels; {cfg.dataset} is {info.task}")
+    if ALGORITHMS.get(cfg.algorithm).needs_class_labels and info.task != CLASSIFICATION:
+        raise ConfigError("algorithm", f"{cfg.algorithm} needs class labels; {cfg.dataset} is "
+                          f"{info.task}")  # fmt: skip
     if cfg.num_clients > info.num_train:
         raise ConfigError(
             "num_clients",
@@ -405,6 +417,11 @@ def _check_search_options(cfg: Config) -> None:
     n = search.get("num_samples", 1)
     if not _is_int(n) or n < 1:
         raise ConfigError("search.num_samples", f"must be an int >= 1, got {n!r}")
+    n = search.get("max_failures", 0)
+    if not _is_int(n) or n < 0:
+        raise ConfigError(
+            "search.max_failures", f"must be an int >= 0 (retries of a failed trial), got {n!r}"
+        )
     n = search.get("max_concurrent", 0)
     if not _is_int(n) or n < 0:
         raise ConfigError(

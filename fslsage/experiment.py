@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import time
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
-from fslsage.algorithms import build_algorithm
+from fslsage import checkpoint
+from fslsage.algorithms import ALGORITHMS, build_algorithm
 from fslsage.algorithms.base import (
     IGNORE_INDEX,
     Algorithm,
@@ -40,6 +42,7 @@ from fslsage.dryrun import planned_clock
 from fslsage.ledger import Ledger
 from fslsage.memory import peak_gpu_columns, peak_gpu_mib
 from fslsage.precision import autocast
+from fslsage.progress import eta_seconds, format_duration, phases_reported
 from fslsage.results import write_parquet_atomic
 from fslsage.transport import local_send, run_client_round
 
@@ -270,11 +273,12 @@ class LocalRuntime:
         if self.algo.hands_over(t):
             self.server.start_from(self.global_weights)
         reports: list[ClientReport] = []
-        for client, shard in zip(self.clients, self.shards, strict=True):
-            weights = (
-                reports[-1].weights if self.algo.sequential and reports else self.global_weights
-            )
-            reports.append(run_client_round(self.algo, client, shard, t, weights, self.send))
+        weights = self.global_weights  # a later stage's: what the one before it handed on
+        for stage in self.algo.for_round(t).round_stages(list(range(len(self.clients)))):
+            for cid in stage:
+                reports.append(run_client_round(self.algo, self.clients[cid], self.shards[cid], t,
+                                                weights, self.send))  # fmt: skip
+            weights = reports[-1].weights
         self.global_weights = self.algo.for_round(t).aggregate(reports)
         server_metrics = self.server.end_round(t) if self.server is not None else {}
         return RoundOutcome.from_reports(reports, server_metrics, self._peak_gpu_mib())
@@ -302,17 +306,84 @@ class LocalRuntime:
             return evaluate(model, self.test_x, self.test_y, self.prepared.info,
                             self.cfg.eval_batch_size, self.device)  # fmt: skip
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything that changes as the run goes, as plain data (`fslsage.checkpoint`): the
+        clients, the S-Server, the global weights, gas's schedule and data streams, and this
+        process's generators."""
+        state = {name: checkpoint.capture(getattr(self, name)) for name in self._changing()}
+        return {**state, "rng": checkpoint.rng_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """`state_dict` written back into this runtime, freshly built from the same config."""
+        for name in self._changing():
+            setattr(self, name, checkpoint.restore(getattr(self, name), state[name], self.device,
+                                                   name))  # fmt: skip
+        checkpoint.set_rng_state(state["rng"])
+
+    def _changing(self) -> tuple[str, ...]:
+        names = ("clients", "server", "global_weights")
+        return (*names, "schedule", "streams") if self.algo.asynchronous else names
+
     def close(self) -> None:
         self.settings_before.apply()
 
 
-def progress_line(cfg: Config, row: dict) -> str:
+def progress_line(cfg: Config, rows: list[dict]) -> str:
+    """The last round's line, with the time left at the pace of the recent rounds."""
+    row = rows[-1]
+    eta = eta_seconds(rows, cfg.rounds, cfg.comm_budget_gib)
     return (
         f"[{cfg.name}] {cfg.algorithm} round {row['round']:>3}/{cfg.rounds}  "
         f"comm {row['comm_gib']:9.4f} GiB  test_acc {row['test_acc']:.4f}  "
         f"test_loss {row['test_loss']:.4f}  sim {row['sim_time_s']:.1f}s  "
-        f"elapsed {row['wall_s']:.1f}s"
+        f"elapsed {row['wall_s']:.1f}s  left {format_duration(eta)}"
     )
+
+
+def _phase_printer(cfg: Config, t: int, progress: Callable[[str], None] | None
+                   ) -> Callable[[str], None] | None:  # fmt: skip
+    """Where a long phase of round t stands (`fslsage.progress.report_phase`), as a line."""
+    if progress is None:
+        return None
+    return lambda text: progress(f"[{cfg.name}] round {t}/{cfg.rounds}: {text}")
+
+
+def checkpoint_folder(cfg: Config, runtime: Runtime, out_dir: str | Path | None) -> Path | None:
+    """OUT/checkpoints, where a run checkpoints (`checkpoint_every` > 0, an output folder and a
+    runtime that can give its state), else None."""
+    if out_dir is None or not cfg.checkpoint_every or not hasattr(runtime, "state_dict"):
+        return None
+    return Path(out_dir) / "checkpoints"
+
+
+def resume_from(cfg: Config, runtime: Runtime, folder: Path | None) -> dict[str, Any]:
+    """The newest checkpoint in `folder`, its runtime state loaded into `runtime`. A
+    checkpoint of other settings is refused: the rounds after it would not be this run's."""
+    from fslsage.config import ConfigError
+
+    if folder is None:
+        why = ("checkpoint_every is 0" if not cfg.checkpoint_every else
+               f"runtime {cfg.runtime} does not checkpoint to disk yet")  # fmt: skip
+        raise ConfigError("--resume", f"nothing to resume from: {why}")
+    try:
+        saved = checkpoint.load(folder)
+    except pickle.UnpicklingError as e:  # what weights_only refuses: nothing of it ran
+        raise ConfigError("--resume", f"the newest checkpoint in {folder} is not plain data and "
+                          f"was not loaded ({str(e).splitlines()[0]})") from None  # fmt: skip
+    if saved is None:
+        raise ConfigError("--resume", f"no checkpoint in {folder}")
+    now = cfg.to_dict()
+    changed = [k for k in now if k not in RESUMABLE and saved["config"].get(k) != now[k]]
+    if changed:
+        key = changed[0]
+        raise ConfigError("--resume", f"the checkpoint in {folder} was written with {key}="
+                          f"{saved['config'].get(key)!r}, this run has {now[key]!r}")  # fmt: skip
+    runtime.load_state_dict(saved["runtime"])
+    return saved
+
+
+# keys a resumed run may change: how long it runs and how it is placed, not what it computes
+RESUMABLE = ("rounds", "comm_budget_gib", "checkpoint_every", "num_client_actors", "name")
 
 
 def run_experiment(
@@ -321,19 +392,37 @@ def run_experiment(
     out_dir: str | Path | None = None,
     progress: Callable[[str], None] | None = print,
     on_round: Callable[[dict], None] | None = None,
+    resume: bool = False,
 ) -> pd.DataFrame:
     """The F-Server loop: rounds until `rounds` or the communication budget; one metrics row per
     round, rewritten atomically to OUT/metrics.parquet after every round. The next round is
     started before this one's evaluation is read, so a runtime that can overlaps them.
-    `sim_time_s` is the simulated wall-clock of SPEC §6 (`fslsage.simulation`)."""
+    `sim_time_s` is the simulated wall-clock of SPEC §6 (`fslsage.simulation`).
+
+    Every `checkpoint_every` rounds the whole experiment goes to OUT/checkpoints/ (a runtime
+    with `state_dict`); `resume` goes on from the newest there, and its rows equal an
+    uninterrupted run's."""
     ledger = Ledger()
     clock = planned_clock(cfg)
     language = describe_dataset(cfg.dataset, **cfg.dataset_args).task != CLASSIFICATION
+    columns = ALGORITHMS.get(cfg.algorithm).metric_columns  # the algorithm's own server metrics
     rows: list[dict] = []
     sim_time_s = 0.0
     start = time.perf_counter()
-    for t in range(first_round(cfg), cfg.rounds + 1):
-        outcome = runtime.run_round(t)
+    folder = checkpoint_folder(cfg, runtime, out_dir)
+    first = first_round(cfg)
+    if resume:
+        saved = resume_from(cfg, runtime, folder)
+        rows, ledger, sim_time_s = saved["rows"], Ledger(saved["ledger"]), saved["sim_time_s"]
+        start -= saved["wall_s"]
+        first = saved["round"] + 1
+        done = rows[-1]["comm_gib"] >= cfg.comm_budget_gib if rows else False
+        first = cfg.rounds + 1 if done else first
+        if progress is not None:
+            progress(f"[{cfg.name}] resumed after round {saved['round']} from {folder}")
+    for t in range(first, cfg.rounds + 1):
+        with phases_reported(_phase_printer(cfg, t, progress)):  # e.g. a long alignment
+            outcome = runtime.run_round(t)
         if not math.isfinite(outcome.train_loss):
             raise TrainingDiverged(f"train_loss is {outcome.train_loss} in round {t}")
         ledger.merge(outcome.ledger)
@@ -357,14 +446,20 @@ def run_experiment(
         }
         if language:  # test_loss is the per-token NLL of the continuations
             row["test_perplexity"] = math.exp(min(test_loss, 700.0))  # inf beyond float range
-        if cfg.algorithm == "fsl_sage":
-            row["align_loss"] = outcome.server_metrics.get("align_loss", float("nan"))
+        for name in columns:  # NaN in a round that did not log it
+            row[name] = outcome.server_metrics.get(name, float("nan"))
         row.update(outcome.peak_gpu_mib)  # peak_gpu_mib* columns: on CUDA only
         rows.append(row)
         if out_dir is not None:
             write_parquet_atomic(pd.DataFrame(rows), Path(out_dir) / "metrics.parquet")
+        if folder is not None and t % cfg.checkpoint_every == 0:
+            checkpoint.save(folder, t, {
+                "round": t, "config": cfg.to_dict(), "runtime": runtime.state_dict(),
+                "rows": rows, "ledger": ledger.entries(), "sim_time_s": sim_time_s,
+                "wall_s": row["wall_s"],
+            })  # fmt: skip
         if progress is not None:
-            progress(progress_line(cfg, row))
+            progress(progress_line(cfg, rows))
         if on_round is not None:
             on_round(row)
         if row["comm_gib"] >= cfg.comm_budget_gib:

@@ -90,6 +90,19 @@ class ClientStates(Generic[S]):
             self.copying_out = False
         return self.states
 
+    def checkpoint_state(self) -> list[S]:
+        """What a checkpoint keeps (`fslsage.checkpoint`): every client's state, wherever it is
+        kept; which one is resident is not state."""
+        return self.stored()
+
+    def restore_checkpoint(self, plain: list, device: torch.device | str) -> None:
+        """Each client's state written into it where it is kept now (`fslsage.checkpoint`)."""
+        from fslsage.checkpoint import restore
+
+        for cid, (state, saved) in enumerate(zip(self.stored(), plain, strict=True)):
+            self.states[cid] = restore(state, saved, HOST if self.offload else self.device,
+                                       f"client state {cid}")  # fmt: skip
+
     def __getstate__(self) -> dict:
         self.stored()  # a checkpoint pickles the kept tensors: they must have arrived
         return self.__dict__

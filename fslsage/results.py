@@ -31,3 +31,9 @@ def write_parquet_atomic(df: pd.DataFrame, path: str | Path) -> Path:
 
 def write_csv_atomic(df: pd.DataFrame, path: str | Path) -> Path:
     return write_atomic(path, lambda tmp: df.to_csv(tmp, index=False))
+
+
+def write_partition_csv(histogram, folder: str | Path) -> Path:
+    """FOLDER/partition.csv: a row per client, `client` then its sample count per label."""
+    hist = pd.DataFrame(histogram).rename_axis("client").reset_index()
+    return write_csv_atomic(hist, Path(folder) / "partition.csv")

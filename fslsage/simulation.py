@@ -4,7 +4,8 @@ the round's ledger, the FLOPs its algorithm declares and those profiles:
 
     client i:  its FLOPs / its FLOP/s  +  8 · bytes up / uplink  +  8 · bytes down / downlink
                +  latency · messages
-    round:     the slowest client (clients one after another for `sl`: their sum)
+    round:     the slowest client (with stages, `Algorithm.round_stages`: the sum of each
+               stage's slowest; `sl`'s relay, one client a stage, adds up its clients)
                +  the S-Server's FLOPs of the round / server FLOP/s
 
 Results carry the cumulative time as `sim_time_s` next to `comm_gib`, so time-to-accuracy can be
@@ -207,5 +208,6 @@ class RoundClock:
             self.client_seconds(t, cid, ledger.client_round_bytes(t, cid))
             for cid in range(len(self.client_samples))
         ]
-        slowest = sum(clients) if self.algo.sequential else max(clients)
+        stages = self.algo.for_round(t).round_stages(list(range(len(clients))))
+        slowest = sum(max(clients[cid] for cid in stage) for stage in stages)  # a stage's slowest
         return slowest + self.server_seconds(t)

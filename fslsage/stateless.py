@@ -127,6 +127,8 @@ class StatelessServer(Server):
     `server_replicas` actors do, and only the reducer runs here: it holds no replica). Records
     arrive through `on_gradient`, by value or as the path of a file."""
 
+    publishes = True  # its weights go to the replicas after every step (`published`)
+
     def __init__(self, model: nn.Module, cfg, num_clients: int):
         super().__init__(model, cfg, num_clients)
         self.replica: nn.Module | None = None  # the published weights, from the first request

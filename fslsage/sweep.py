@@ -1,4 +1,5 @@
-"""`python -m fslsage.sweep --config FILE [--set key=value ...] [--results-dir DIR] [--resume]`
+"""`python -m fslsage.sweep --config FILE [--set key=value ...] [--results-dir DIR] [--resume]
+[--no-mlflow]`
 
 A Ray Tune sweep over the config's `search` block, one experiment per trial; MLflow tracking
 and result tables/plots in DIR/<name>/. Along with fslsage.run, the one entry point that may
@@ -42,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="results root; the sweep writes DIR/<name>/ (default results)")  # fmt: skip
     p.add_argument("--resume", action="store_true",
                    help="continue the interrupted sweep in DIR/<name> (same config)")  # fmt: skip
+    p.add_argument("--no-mlflow", action="store_true",
+                   help="track nothing in MLflow (results files only)")  # fmt: skip
     return p
 
 
@@ -85,8 +88,9 @@ def plan(args: argparse.Namespace) -> tuple[dict[str, Any], Path, dict[str, Any]
     check_ray_address(os.environ.get("RAY_ADDRESS"), "RAY_ADDRESS")
     results_dir = check_folder(args.results_dir, "--results-dir")
     sweep_dir = results_dir / cfg.name  # `name` is a plain folder name: inside results_dir
-    store_key = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "--results-dir"
-    check_tracking_uri(resolve_tracking_uri(results_dir), store_key)
+    if not args.no_mlflow:
+        key = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "--results-dir"
+        check_tracking_uri(resolve_tracking_uri(results_dir), key)
     if not args.resume:
         if sweep_dir.is_symlink() or (sweep_dir.exists() and not sweep_dir.is_dir()):
             raise ConfigError("name", f"{sweep_dir} exists and is not a folder")
@@ -105,6 +109,9 @@ def plan(args: argparse.Namespace) -> tuple[dict[str, Any], Path, dict[str, Any]
         raise ConfigError(
             "--resume", f"{key} differs from the interrupted sweep's config; resume with the same"
         )
+    if args.no_mlflow and state.get("parent_run_id"):
+        raise ConfigError("--no-mlflow", "the interrupted sweep is tracked in MLflow; resume it "
+                                         "as it started, without --no-mlflow")  # fmt: skip
     return given, sweep_dir, state
 
 
@@ -146,9 +153,10 @@ def check_cluster(base: dict[str, Any], state: dict[str, Any] | None) -> None:
     check_trials_fit(base, state["cluster"] if state else cluster_size())
 
 
-def start(given: dict[str, Any], sweep_dir: Path) -> dict[str, Any]:
+def start(given: dict[str, Any], sweep_dir: Path, track: bool = True) -> dict[str, Any]:
     """A fresh sweep: the previous run of the same sweep is replaced (so two runs' rows never
-    mix), the MLflow parent run is opened and what --resume needs is saved in sweep.json."""
+    mix), the MLflow parent run is opened (unless not `track`) and what --resume needs is saved
+    in sweep.json."""
 
     from tune import tracking
 
@@ -159,10 +167,12 @@ def start(given: dict[str, Any], sweep_dir: Path) -> dict[str, Any]:
         shutil.rmtree(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / SWEEP_MARKER).write_text(sweep_dir.name + "\n")  # first: the folder is ours
-    uri = tracking.resolve_tracking_uri(sweep_dir.parent)
-    experiment_id, parent = tracking.start_sweep_run(
-        uri, given["name"], sweep_dir.parent / "mlartifacts", given, sweep_dir
-    )
+    uri = experiment_id = parent = None
+    if track:
+        uri = tracking.resolve_tracking_uri(sweep_dir.parent)
+        experiment_id, parent = tracking.start_sweep_run(
+            uri, given["name"], sweep_dir.parent / "mlartifacts", given, sweep_dir
+        )
     state = {
         "config": given,  # --resume compares the config it is given with this one
         "tracking_uri": uri,
@@ -181,7 +191,7 @@ def make_tuner(base: dict[str, Any], sweep_dir: Path, state: dict[str, Any]) -> 
     from ray import tune
 
     from fslsage.config import validate
-    from tune import space, tracking
+    from tune import callbacks, space
     from tune.resources import resources_for
     from tune.trainable import run_trial
 
@@ -213,9 +223,11 @@ def make_tuner(base: dict[str, Any], sweep_dir: Path, state: dict[str, Any]) -> 
             name=cfg.name,
             storage_path=str(sweep_dir.parent),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            failure_config=tune.FailureConfig(max_failures=opts["max_failures"]),
             callbacks=[
-                tracking.Progress(base, keys),
-                tracking.MlflowTrials(uri, state["experiment_id"], parent, base, keys),
+                callbacks.Progress(base, keys),
+                *([callbacks.MlflowTrials(uri, state["experiment_id"], parent, base, keys)]
+                  if parent else []),  # fmt: skip
             ],
             verbose=0,
         ),
@@ -284,7 +296,8 @@ def _end_runs(uri: str, state: dict[str, Any], status: str) -> None:
         pass
 
 
-def run(given: dict[str, Any], sweep_dir: Path, state: dict[str, Any] | None) -> int:
+def run(given: dict[str, Any], sweep_dir: Path, state: dict[str, Any] | None,
+        track: bool = True) -> int:
     """Runs (or resumes) the sweep and writes its results; 0 when at least one trial did not
     fail, 1 when every trial failed or a result file could not be written (one line on
     stderr), 130 when interrupted (Ctrl+C: unfinished trials read "interrupted", MLflow runs
@@ -301,12 +314,15 @@ def run(given: dict[str, Any], sweep_dir: Path, state: dict[str, Any] | None) ->
     begin = time.perf_counter()
     connect_ray()
     check_cluster(base, state)
+    resumed = state is not None
     if state is None:
-        state = start(given, sweep_dir)
+        state = start(given, sweep_dir, track)
     else:
-        tracking.reopen_sweep_run(state["tracking_uri"], state["parent_run_id"])
         print(f"resuming the sweep in {sweep_dir}")
+    # tracked as it started: not with --no-mlflow (then its parent run is None)
     uri, parent = state["tracking_uri"], state["parent_run_id"]
+    if parent and resumed:
+        tracking.reopen_sweep_run(uri, parent)
 
     try:
         with signals_seen() as seen, summary.errors_as_text():
@@ -316,7 +332,7 @@ def run(given: dict[str, Any], sweep_dir: Path, state: dict[str, Any] | None) ->
         ended = grid.num_terminated + grid.num_errors
         interrupted = bool(seen & STOP_SIGNALS) or ended < len(grid)
         interrupted = interrupted or len(grid) < space.trial_count(cfg.search)
-        metrics, table = summary.collect(grid, base, keys, interrupted=interrupted)
+        metrics, table, configs = summary.collect_all(grid, base, keys, interrupted)
         failed = int((table.status == "failed").sum())
         stopped = int((table.status == "interrupted").sum())
         print("\n" + summary.format_table(table))
@@ -324,31 +340,37 @@ def run(given: dict[str, Any], sweep_dir: Path, state: dict[str, Any] | None) ->
               + (f", {stopped} interrupted" if interrupted else "")
               + f", {time.perf_counter() - begin:.1f}s")  # fmt: skip
         try:
-            written = summary.write_results(
-                sweep_dir, metrics, table, title=f"{cfg.dataset}, {cfg.model}"
-            )
+            written = summary.write_results(sweep_dir, metrics, table, configs)
+            trial_files = summary.write_trial_files(sweep_dir, metrics, configs)
         except summary.WriteFailed as e:
-            _end_runs(uri, state, "KILLED" if interrupted else "FAILED")
+            if parent:
+                _end_runs(uri, state, "KILLED" if interrupted else "FAILED")
             print(write_failed(e.path, e.error), file=sys.stderr)
             return 1
         status = "KILLED" if interrupted else ("FAILED" if failed == len(table) else "FINISHED")
         outcomes = {t.trial_id: (t.status, t.error) for t in table.itertuples()}
-        tracking.settle_trial_runs(uri, state["experiment_id"], parent, outcomes)
         try:
-            tracking.finish_sweep_run(uri, parent, status, [*written, sweep_dir / SWEEP_STATE])
+            if parent:
+                tracking.settle_trial_runs(uri, state["experiment_id"], parent, outcomes,
+                                           artifacts=trial_files)  # fmt: skip
+                tracking.finish_sweep_run(uri, parent, status,
+                                          [*written, sweep_dir / SWEEP_STATE])  # fmt: skip
         except OSError as e:  # copying the artifacts into the MLflow store
-            print(write_failed(f"the artifacts of MLflow run {parent}", e), file=sys.stderr)
+            _end_runs(uri, state, "KILLED" if interrupted else "FAILED")
+            print(write_failed(f"the artifacts of the MLflow runs of {uri}", e), file=sys.stderr)
             return 1
     except KeyboardInterrupt:  # a second Ctrl+C, cutting short Tune's last save or the summary
-        _end_runs(uri, state, "KILLED")
+        if parent:
+            _end_runs(uri, state, "KILLED")
         return INTERRUPTED
 
-    print(f"results: {sweep_dir} (metrics.parquet, summary.csv)")
+    print(f"results: {sweep_dir} (metrics.parquet, summary.csv; over seeds: summary.md)")
     for path in written:
         if path.suffix == ".png":
             print(f"plot: {path}")
-    print(f"MLflow: {uri} (parent run {parent}); view with "
-          f"`mlflow ui --backend-store-uri {uri}`")  # fmt: skip
+    if parent:
+        print(f"MLflow: {uri} (parent run {parent}); view with "
+              f"`mlflow ui --backend-store-uri {uri}`")  # fmt: skip
     if interrupted:
         return INTERRUPTED
     return 1 if len(table) and failed == len(table) else 0
@@ -378,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fslsage: config error: {e}", file=sys.stderr)
         return 2
     try:
-        code = run(given, sweep_dir, state)
+        code = run(given, sweep_dir, state, track=not args.no_mlflow)
     except ConfigError as e:  # what only the cluster can tell: resources no node has
         print(f"fslsage: config error: {e}", file=sys.stderr)
         return 2

@@ -52,7 +52,7 @@ def test_declared_server_requests_are_made_and_the_last_is_marked(algorithm):
     """`server_requests` is what a client really sends (two epochs, a partial last batch, an
     alignment round and a round without), and only the last request says so."""
     cfg = demo_config(algorithm=algorithm, local_epochs=2, batch_size=50,
-                      server_update_interval=3, align_interval=2)  # fmt: skip
+                      server_update_interval=3, align_interval=2, first_align_round=1)  # fmt: skip
     runtime = LocalRuntime(prepare(cfg))
     for t in (1, 2):
         spy, _ = run_one_client(runtime, t)
@@ -115,7 +115,7 @@ def test_fsl_sage_client_steps_on_the_aux_estimate_never_the_server_gradient():
 
 
 def test_fsl_sage_alignment_lowers_alignment_loss_and_aux_models_stay_per_client():
-    cfg = demo_config(algorithm="fsl_sage", align_interval=2, align_epochs=30)
+    cfg = demo_config(algorithm="fsl_sage", align_interval=2, align_epochs=30, first_align_round=1)
     runtime = LocalRuntime(prepare(cfg))
     runtime.run_round(1)  # aligns, on the first uploaded batch
     assert "align_loss" not in runtime.run_round(2).server_metrics
@@ -136,7 +136,8 @@ def test_fsl_sage_alignment_lowers_alignment_loss_and_aux_models_stay_per_client
 
 
 def test_fsl_sage_eager_targets_are_stored_at_upload():
-    cfg = demo_config(algorithm="fsl_sage", align_targets="eager", align_interval=2)
+    cfg = demo_config(algorithm="fsl_sage", align_targets="eager", align_interval=2,
+                      first_align_round=1)  # fmt: skip
     runtime = LocalRuntime(prepare(cfg))
     runtime.run_round(1)
     runtime.run_round(2)

@@ -105,6 +105,14 @@ BAD = {
         sets("num_clients=5000"), "num_clients", ("5000 clients", "digits has 1437 samples")
     ),
     "empty name": Bad(sets("name="), "name", ("plain folder name",)),
+    "resume without a checkpoint": Bad(
+        ("--out", "{tmp}/never", "--resume"), "--resume", ("no checkpoint in", "never")
+    ),
+    "resume on ray": Bad(sets("runtime=ray") + ("--resume",), "--resume",
+                         ("runtime ray does not checkpoint to disk yet",)),  # fmt: skip
+    "resume with a dry run": Bad(("--dry-run", "--resume"), "--resume", ("--dry-run",)),
+    "max_failures negative": Bad(sets("search.max_failures=-1"), "search.max_failures",
+                                 ("int >= 0",), cli="sweep"),  # fmt: skip
     "label_smoothing 1": Bad(sets("label_smoothing=1"), "label_smoothing", ("[0, 1)",)),
     "warm-up as long as the run": Bad(
         sets("lr_schedule=warmup_linear", "warmup_rounds=10", "rounds=10"),

@@ -34,6 +34,30 @@ def test_the_first_round_aligns_and_its_clients_use_the_aligned_aux_model():
     assert measured.round_summary(1) == planned.round_summary(1)
 
 
+def test_first_align_round_moves_every_alignment_and_the_dry_run_follows():
+    """`first_align_round: 2` with l = 2 aligns in rounds 2 and 4 (the schedule before the
+    reference's was adopted), clients keep the initial aux head in round 1, and the run books
+    the aux downloads the dry-run plans, round by round."""
+    cfg = demo_config(algorithm="fsl_sage", align_interval=2, first_align_round=2, rounds=4,
+                      align_epochs=1)  # fmt: skip
+    runtime = LocalRuntime(prepare(cfg))
+    initial = {k: v.clone() for k, v in runtime.clients[0].parts["aux_model"].state_dict().items()}
+    planned = planned_ledger(cfg)
+    aligned_rounds = []
+    for t in range(1, 5):
+        outcome = runtime.run_round(t)
+        measured = Ledger()
+        measured.merge(outcome.ledger)
+        assert measured.round_summary(t) == planned.round_summary(t)
+        if "align_loss" in outcome.server_metrics:
+            aligned_rounds.append(t)
+        if t == 1:
+            used = runtime.clients[0].parts["aux_model"].state_dict()
+            assert all(torch.equal(used[k], v) for k, v in initial.items())
+    assert aligned_rounds == [2, 4]
+    assert [t for t in range(1, 5) if "aux_model" in planned.round_summary(t)["by_kind"]] == [2, 4]
+
+
 def bn_server() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))

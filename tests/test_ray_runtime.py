@@ -24,7 +24,9 @@ from actors.client_pool import ClientActor, owned_clients
 from actors.common import DataBundle, loads, pack, unpack
 from actors.runtime import RayRuntime, RemoteSServer
 from actors.s_server import RoundAborted
+from fslsage.algorithms import ALGORITHMS
 from fslsage.algorithms.base import cut_gradient, loss_fn, server_step
+from fslsage.algorithms.fsl_sage import true_cut_gradient
 from fslsage.experiment import LocalRuntime, evaluate, prepare, run_experiment
 
 METRICS = ["test_acc", "test_loss", "comm_gib", "sim_time_s"]
@@ -95,9 +97,25 @@ def assert_local_evaluations(cfg, evaluations: list[tuple[float, float]]) -> Non
 
 
 # ----------------------------------------------------------------------------- runtime parity
-@pytest.mark.parametrize("algorithm", ["fsl_sage", "splitfed_v2"])
+def parity_config(algorithm: str, **overrides):
+    """A tiny run of `algorithm` on digits: 2 rounds of 4 clients (gas: a short schedule)."""
+    tiny = {"gas": {"local_iters": 4, "model_buffer": 3, "activation_buffer": 2}}
+    return demo_config(**{"algorithm": algorithm, "rounds": 2, "num_clients": 4,
+                          **tiny.get(algorithm, {}), **overrides})  # fmt: skip
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS.names())
 def test_exact_batching_reproduces_the_local_runtime(ray_session, tmp_path, algorithm):
-    cfg = demo_config(algorithm=algorithm, rounds=2, server_batching="exact")
+    cfg = parity_config(algorithm, server_batching="exact")
+    local = run_local(cfg, tmp_path / "local")
+    ray_df, _ = run_ray(cfg, tmp_path / "ray")
+    assert_same_metrics(local, ray_df)
+
+
+def test_coalesce_serves_the_relay_of_sl_as_exact_does(ray_session, tmp_path):
+    """sl's clients take turns (`round_stages`): no two of its requests ever wait together, so
+    `coalesce` serves them one at a time, in the in-process order."""
+    cfg = parity_config("sl", server_batching="coalesce")
     local = run_local(cfg, tmp_path / "local")
     ray_df, _ = run_ray(cfg, tmp_path / "ray")
     assert_same_metrics(local, ray_df)
@@ -435,41 +453,58 @@ def test_rounds_are_submitted_one_ahead_except_at_checkpoints_and_the_horizon(ra
     assert_local_evaluations(cfg, evaluations)
 
 
-def test_coalesce_batches_concurrent_clients_and_splits_gradients(ray_session):
+# (algorithm, the request kind its S-Server serves in batches): every `on_<kind>_batch` there is
+# (tests/test_capabilities.py checks the list against the servers)
+COALESCING = [("cse_fsl", "upload"), ("fsl_sage", "upload"), ("sl", "exchange"),
+              ("splitfed_v2", "exchange")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("algorithm", "kind"), COALESCING)
+def test_coalesce_batches_concurrent_clients_and_splits_gradients(ray_session, algorithm, kind):
     ray = ray_session
     n = 8
-    prepared, server = start_server("splitfed_v2", "coalesce", max_batch=n, max_wait_ms=2000.0)
+    prepared, server = start_server(algorithm, "coalesce", max_batch=n, max_wait_ms=2000.0,
+                                    align_targets="eager")  # fmt: skip
     requests = [smashed(prepared, cid, 4 + 2 * cid) for cid in range(n)]  # unequal sizes
     try:
         ray.get(server.begin_round.remote(1, 1, list(range(n))))
-        answers = unpack(
-            ray.get(
-                [
-                    server.submit.remote(1, c, 0, "exchange", *pack(r))
-                    for c, r in enumerate(requests)
-                ]
-            ),
-            "cpu",
-        )
+        calls = []
+        for c, r in enumerate(requests):  # in id order, as the reference concatenates them
+            calls.append(server.submit.remote(1, c, 0, kind, *pack(r)))
+            time.sleep(0.02)
+        answers = unpack(ray.get(calls), "cpu")
         for cid in range(n):
             server.submit.remote(1, cid, 1, "done")
-        ray.get(server.end_round.remote(1, 1))
+        metrics = ray.get(server.end_round.remote(1, 1))
         stats = ray.get(server.stats.remote())
         stepped = loads(ray.get(server.state.remote()), torch.device("cpu"))
     finally:
         ray.kill(server)
     assert stats["batch_sizes"] == {n: 1}  # all of them well within max_wait: one batch
-    # each client gets ∂(its own mean loss)/∂z at the weights before the shared step
     before = prepared.algorithm.new_server(torch.device("cpu"))
-    for (grad, loss), (z, y) in zip(answers, requests, strict=True):
-        torch.testing.assert_close(grad, cut_gradient(before.model, z, y), atol=1e-7, rtol=1e-4)
-        torch.testing.assert_close(loss, loss_fn(before.model(z), y).detach())
-    # and the server took ONE optimizer step, on the concatenation
-    reference = copy.deepcopy(before)
-    z, y = torch.cat([r[0] for r in requests]), torch.cat([r[1] for r in requests])
-    server_step(reference.model, reference.opt, z, y)
+    with one_thread():
+        if kind == "exchange":
+            # each client gets ∂(its own mean loss)/∂z at the weights before the shared step
+            for (grad, loss), (z, y) in zip(answers, requests, strict=True):
+                torch.testing.assert_close(grad, cut_gradient(before.model, z, y), atol=1e-7,
+                                           rtol=1e-4)  # fmt: skip
+                torch.testing.assert_close(loss, loss_fn(before.model(z), y).detach())
+        else:  # nothing comes back; FSL-SAGE buffers each upload, its target from before the step
+            assert answers == [None] * n
+        if algorithm == "fsl_sage":
+            for cid, (z, y) in enumerate(requests):
+                kept_z, kept_y, target = stepped.aux[cid].buffer.tensors
+                assert torch.equal(kept_z, z) and torch.equal(kept_y, y)
+                torch.testing.assert_close(target, true_cut_gradient(before.model, z, y,
+                                                                     prepared.cfg))  # fmt: skip
+        # and the server took ONE optimizer step, on the concatenation
+        reference = copy.deepcopy(before)
+        z, y = torch.cat([r[0] for r in requests]), torch.cat([r[1] for r in requests])
+        loss, _ = server_step(reference.model, reference.opt, z, y)
     for key, value in reference.model.state_dict().items():
         torch.testing.assert_close(stepped.model.state_dict()[key], value)
+    if kind == "upload":  # the step's loss, once
+        assert metrics["server_loss"] == pytest.approx(loss.item(), rel=1e-5)
 
 
 # ----------------------------------------------------------------------------- placement

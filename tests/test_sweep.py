@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -22,7 +23,7 @@ import pytest
 import yaml
 from helpers import DEMO, ROOT
 
-from fslsage import sweep
+from fslsage import report, sweep
 from fslsage.config import ConfigError, load_config, validate
 from tune import space
 from tune.resources import trial_bundles
@@ -104,18 +105,34 @@ def test_grid_sweep_lands_in_parquet_summary_plots_and_mlflow(
             assert steps(run_id, key) == [1, 2]
         assert steps(run_id, "align_loss") == ([1, 2] if algorithm == "fsl_sage" else [])
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(parent.run_id)}
-    assert {"acc_vs_comm.png", "acc_vs_time.png", "acc_vs_alpha.png", "summary.csv"} <= artifacts
+    assert {"acc_vs_comm.png", "acc_vs_time.png", "acc_vs_alpha.png", "summary.csv",
+            "summary.md", "summary_seeds.csv"} <= artifacts  # fmt: skip
+    for run_id, tid in zip(children.run_id, children["tags.trial_id"], strict=True):
+        # each trial's run carries its own files: its rows and its partition
+        files = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
+        assert files == {"config.json", "metrics.parquet", "partition.csv", "partition.png"}
+        rows = pd.read_parquet(out / tid / "metrics.parquet")
+        assert rows["round"].tolist() == [1, 2]
+        assert rows.test_acc.tolist() == metrics[metrics.trial_id == tid].test_acc.tolist()
 
     printed = capsys.readouterr().out
     assert printed.count(" round   2  comm") == 4  # one line per trial and round
+    # every round line says the trial's time left and how many trials are done, running, pending
+    counted = r" round +\d  comm .* left \S+  \(trials: \d done, \d running, \d pending\)$"
+    assert len(re.findall(counted, printed, flags=re.M)) == 4 * 2
     assert "final_acc" in printed and "acc_vs_comm.png" in printed and "mlflow.db" in printed
+    # `fslsage.report` rebuilds the sweep's tables from its files
+    assert report.main([str(out), "--out", str(tmp_path / "report")]) == 0
+    for name in ("summary.csv", "summary_seeds.csv", "acc_vs_comm.csv"):
+        assert (tmp_path / "report" / name).read_bytes() == (out / name).read_bytes()
 
-    # the same sweep again replaces the first one's rows instead of adding to them
+    # the same sweep again replaces the first one's rows instead of adding to them; untracked
     assert sweep.main(["--config", str(cfg), "--results-dir", str(results),
-                       "--set", "search.alpha=[0.5]"]) == 0  # fmt: skip
+                       "--set", "search.alpha=[0.5]", "--no-mlflow"]) == 0  # fmt: skip
     again = pd.read_parquet(out / "metrics.parquet")
     assert len(again) == 2 * 2 and set(again.alpha) == {0.5}
     assert not (out / "acc_vs_alpha.png").exists()
+    assert len(runs(results, "grid")[1]) == 4  # no new runs
 
 
 def test_a_diverging_trial_fails_with_its_reason_while_the_others_finish(

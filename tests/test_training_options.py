@@ -13,10 +13,10 @@ from helpers import demo_config
 from test_data import write_e2e_csv
 from torch import nn
 
-from actors.s_server import coalesced_step
 from fslsage.algorithms.base import (
     IGNORE_INDEX,
     aux_optimizer,
+    coalesced_step,
     loss_fn,
     make_optimizer,
     round_lr_factor,

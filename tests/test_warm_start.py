@@ -34,7 +34,7 @@ def test_round_zero_is_a_cse_fsl_round_and_hands_its_aux_model_on():
     """fsl_sage with a warm start: round 0 trains client and aux models on the local loss and
     averages both; round 1 sends the averaged aux model down to every client, and the
     S-Server's copies start from it too: round 1 aligns them from there."""
-    cfg = demo_config(warm_start=True, rounds=1, align_interval=5)
+    cfg = demo_config(warm_start=True, rounds=1, align_interval=5, first_align_round=1)
     runtime = LocalRuntime(prepare(cfg))
     aligned_from = []  # the aux state each alignment starts from
     align = runtime.server.align
@@ -74,7 +74,7 @@ def test_round_zero_is_a_cse_fsl_round_and_hands_its_aux_model_on():
 
 
 def test_a_warm_started_run_reports_round_zero_and_matches_its_dry_run(tmp_path):
-    cfg = demo_config(warm_start=True, rounds=2)
+    cfg = demo_config(warm_start=True, rounds=2, first_align_round=1)
     df = run_experiment(cfg, LocalRuntime(prepare(cfg)), out_dir=tmp_path, progress=None)
     assert df["round"].tolist() == [0, 1, 2]
     assert pd.read_parquet(tmp_path / "metrics.parquet")["round"].tolist() == [0, 1, 2]

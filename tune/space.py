@@ -78,6 +78,8 @@ def options(search: dict[str, Any]) -> dict[str, Any]:
     return {
         "num_samples": search.get("num_samples", 1),
         "max_concurrent": search.get("max_concurrent", 0),
+        # a failed trial is tried again this many times, from its last checkpoint
+        "max_failures": search.get("max_failures", 0),
         "scheduler": search.get("scheduler", "fifo"),
         "metric": metric,
         "mode": search.get("mode", SEARCH_METRICS[metric]),

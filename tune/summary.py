@@ -21,36 +21,25 @@ from typing import Any
 
 import pandas as pd
 
+from fslsage import report
 from fslsage.algorithms.base import first_round
 from fslsage.config import Config
 from fslsage.experiment import METRIC_COLUMNS
-from fslsage.plots import plot_acc_vs_alpha, plot_acc_vs_comm
-from fslsage.results import write_csv_atomic, write_parquet_atomic
+from fslsage.report import (  # noqa: F401 — WriteFailed and trial_summary: this module's API too
+    ID_COLUMNS,
+    SUMMARY_COLUMNS,
+    WriteFailed,
+    add_common_budget,
+    trial_ids,
+    trial_status,
+    trial_summary,
+)
+from fslsage.results import write_parquet_atomic
 from tune.space import trial_config, trial_label
 from tune.tracking import error_reason, trial_error
 
 RESULT_FILE, PROGRESS_FILE = "result.json", "progress.csv"  # what Tune logs per trial
 LOGGED = [*METRIC_COLUMNS, "align_loss"]
-
-ID_COLUMNS = ["trial", "trial_id", "algorithm", "alpha"]
-SUMMARY_COLUMNS = [
-    "status", "rounds", "final_acc", "best_acc", "acc_at_budget", "gib_to_target",
-    "sim_s_to_target", "comm_gib", "sim_time_s", "wall_s", "error",
-]  # fmt: skip
-
-
-def _cell(value: Any) -> Any:
-    """Parquet/CSV-friendly: blocks (model_args, ...) as JSON text."""
-    return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else value
-
-
-class WriteFailed(Exception):
-    """A result file could not be written; the previous one is left as it was."""
-
-    def __init__(self, path: Path, error: OSError):
-        super().__init__(f"could not write {path}: {error.strerror or error}")
-        self.path, self.error = path, error
-
 
 @contextmanager
 def errors_as_text() -> Iterator[None]:
@@ -176,45 +165,19 @@ def no_results_reason(missing: list[int], reported: list[int], problems: list[st
     return f"no results recorded: {rounds} of the {len(reported)} it reported ({detail})"
 
 
-def trial_summary(cfg: Config, rows: pd.DataFrame) -> dict[str, Any]:
-    """Final and best accuracy, accuracy when the budget is spent (the last round within it)
-    and the GiB and simulated seconds at which `target_acc` was first reached (NaN: never)."""
-    nan = float("nan")
-    if rows.empty:
-        return {"rounds": 0, "final_acc": nan, "best_acc": nan, "acc_at_budget": nan,
-                "gib_to_target": nan, "sim_s_to_target": nan, "comm_gib": nan,
-                "sim_time_s": nan, "wall_s": nan}  # fmt: skip
-    within = rows[rows.comm_gib <= cfg.comm_budget_gib]
-    reached = rows[rows.test_acc >= cfg.target_acc]
-    return {
-        "rounds": int(rows["round"].iloc[-1]),
-        "final_acc": float(rows.test_acc.iloc[-1]),
-        "best_acc": float(rows.test_acc.max()),
-        "acc_at_budget": float(within.test_acc.iloc[-1]) if len(within) else nan,
-        "gib_to_target": float(reached.comm_gib.iloc[0]) if len(reached) else nan,
-        "sim_s_to_target": float(reached.sim_time_s.iloc[0]) if len(reached) else nan,
-        "comm_gib": float(rows.comm_gib.iloc[-1]),
-        "sim_time_s": float(rows.sim_time_s.iloc[-1]),
-        "wall_s": float(rows.wall_s.iloc[-1]),
-    }
-
-
-def _status(cfg: Config, stats: dict[str, Any], error: str, interrupted: bool) -> str:
-    if error:
-        return "failed"
-    done = stats["rounds"] >= cfg.rounds or stats["comm_gib"] >= cfg.comm_budget_gib
-    if done:
-        return "finished"
-    # interrupted: stopped by Ctrl+C, --resume goes on with it; stopped: cut by the scheduler
-    return "interrupted" if interrupted else "stopped"
-
-
 def collect(grid: Any, base: dict[str, Any], keys: list[str],
             interrupted: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:  # fmt: skip
-    """(metrics: one row per trial × round, summary: one row per trial) from a ResultGrid.
-    Trial directories are named by trial id (see fslsage.sweep), which keys both tables.
-    A trial is failed when it raised, or when rounds it reported are missing from its logged
-    results (its reason then starts "no results recorded")."""
+    """(metrics: one row per trial × round, summary: one row per trial) from a ResultGrid."""
+    metrics, summary, _ = collect_all(grid, base, keys, interrupted)
+    return metrics, summary
+
+
+def collect_all(grid: Any, base: dict[str, Any], keys: list[str], interrupted: bool = False
+                ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Config]]:  # fmt: skip
+    """(metrics: one row per trial × round, summary: one row per trial, each trial's config)
+    from a ResultGrid. Trial directories are named by trial id (see fslsage.sweep), which keys
+    the tables. A trial is failed when it raised, or when rounds it reported are missing from
+    its logged results (its reason then starts "no results recorded")."""
     metrics, summary = [], []
     results = sorted(grid, key=lambda r: Path(r.path).name)
     configs = [trial_config(base, r.config or {}) for r in results]
@@ -223,9 +186,7 @@ def collect(grid: Any, base: dict[str, Any], keys: list[str],
         [c.algorithm for c in configs],
     )
     for result, cfg, label in zip(results, configs, labels, strict=True):
-        ids = {"trial": label, "trial_id": Path(result.path).name, "algorithm": cfg.algorithm,
-               "alpha": cfg.alpha}  # fmt: skip
-        ids.update({k: _cell(getattr(cfg, k)) for k in keys if k not in ids})
+        ids = trial_ids(label, Path(result.path).name, cfg, keys)
         trial_dir = Path(result.path)
         if trial_dir.is_dir():  # read here, line by line: Tune drops a file with one bad line
             frame, problems = read_logged_rows(trial_dir)
@@ -239,14 +200,15 @@ def collect(grid: Any, base: dict[str, Any], keys: list[str],
         if missing and not error:
             error = no_results_reason(missing, reported, problems)
         stats = trial_summary(cfg, rows)
-        summary.append({**ids, **stats, "status": _status(cfg, stats, error, interrupted),
+        summary.append({**ids, **stats, "status": trial_status(cfg, stats, error, interrupted),
                         "error": error})  # fmt: skip
     id_columns = [*ID_COLUMNS, *(k for k in keys if k not in ID_COLUMNS)]
     metrics_df = (
         pd.concat(metrics, ignore_index=True) if metrics else pd.DataFrame(columns=id_columns)
     )
     summary_df = pd.DataFrame(summary, columns=[*id_columns, *SUMMARY_COLUMNS])
-    return metrics_df, summary_df
+    by_id = {Path(r.path).name: cfg for r, cfg in zip(results, configs, strict=True)}
+    return metrics_df, add_common_budget(summary_df, metrics_df, by_id), by_id
 
 
 def _unique(labels: list[str], algorithms: list[str]) -> list[str]:
@@ -260,33 +222,33 @@ def _unique(labels: list[str], algorithms: list[str]) -> list[str]:
     return out
 
 
-def _write(write: Callable[..., Path], data: pd.DataFrame, path: Path, **kw: Any) -> Path:
-    try:
-        return write(data, path, **kw)
-    except OSError as e:  # the atomic writers leave the previous file and no temp file
-        raise WriteFailed(path, e) from e
-
-
 def write_results(out: Path, metrics: pd.DataFrame, summary: pd.DataFrame,
-                  title: str) -> list[Path]:  # fmt: skip
-    """metrics.parquet, summary.csv, acc_vs_comm.png, acc_vs_time.png (simulated time) and,
-    when alpha varies, acc_vs_alpha.png; a plot with nothing to show is removed rather than left
-    from an earlier run. A file that cannot be written (a full disk) raises WriteFailed naming
-    it; the files written before it are complete and the previous one is left intact."""
-    written = [_write(write_parquet_atomic, metrics, out / "metrics.parquet"),
-               _write(write_csv_atomic, summary, out / "summary.csv")]  # fmt: skip
-    for x, png in (("comm_gib", out / "acc_vs_comm.png"), ("sim_time_s", out / "acc_vs_time.png")):
-        if len(metrics):
-            written.append(_write(plot_acc_vs_comm, metrics, png, title=title, x=x))
-        else:
-            png.unlink(missing_ok=True)
-    alpha_png = out / "acc_vs_alpha.png"
-    ok = summary[summary.final_acc.notna()]
-    if ok.alpha.nunique() > 1:
-        written.append(_write(plot_acc_vs_alpha, ok, alpha_png))
-    else:
-        alpha_png.unlink(missing_ok=True)
-    return written
+                  configs: dict[str, Config]) -> list[Path]:  # fmt: skip
+    """metrics.parquet, then what `fslsage.report.write_report` writes (summary.csv,
+    summary_seeds.csv, summary.md, acc_vs_comm.png, acc_vs_time.png, acc_vs_alpha.png when
+    alpha varies, each figure with its CSV), as `python -m fslsage.report OUT` rebuilds them.
+    A file that cannot be written (a full disk) raises WriteFailed naming it; the files
+    written before it are complete and the previous one is left intact."""
+    written = [report.write_file(out / report.METRICS_FILE,
+                                 lambda p: write_parquet_atomic(metrics, p))]  # fmt: skip
+    title = report.title_of(configs, [out.name])
+    return written + report.write_report(out, metrics, summary, configs, title)
+
+
+def write_trial_files(sweep_dir: Path, metrics: pd.DataFrame,
+                      configs: dict[str, Config]) -> dict[str, list[Path]]:  # fmt: skip
+    """Each trial's folder as a run's: its config.json, its rows as metrics.parquet and the
+    picture of the partition.csv the trial wrote (`report.write_run_files`). Returns the files
+    per trial id (its MLflow run's artifacts). A trial folder that is gone is left out."""
+    out = {}
+    columns = report.metric_columns(metrics)
+    for tid, cfg in configs.items():
+        folder = sweep_dir / tid
+        if not folder.is_dir():
+            continue
+        rows = metrics[metrics.trial_id == tid][columns].reset_index(drop=True)
+        out[tid] = report.write_run_files(folder, rows, cfg)
+    return out
 
 
 def format_table(summary: pd.DataFrame) -> str:

@@ -1,9 +1,10 @@
-"""MLflow and console tracking of a sweep, from the Tune driver only.
+"""MLflow tracking of runs and sweeps, and a failed trial's error as one line.
 
-Trials never talk to MLflow: their per-round reports reach the driver anyway, and a single
-writer keeps the default SQLite store free of lock contention. Both callbacks are pickled into
-the Tune experiment state and come back on `--resume`, so they hold only plain values and look
-their MLflow runs up again by tag instead of remembering them.
+A sweep's trials never talk to MLflow: their per-round reports reach the driver anyway, and a
+single writer keeps the default SQLite store free of lock contention; the driver's callbacks
+(tune/callbacks.py) log them with the functions here. `fslsage.run` logs its one run from its
+own process with `RunTracker`, the same way. Nothing here imports Ray, and MLflow only once a
+store is used.
 """
 
 from __future__ import annotations
@@ -12,15 +13,13 @@ import logging
 import os
 import re
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ray import tune
-from ray.tune.result import EXPR_ERROR_FILE
+from fslsage.config import Config, flatten
 
-from fslsage.config import flatten
-from tune.space import trial_config, trial_label
-
+EXPR_ERROR_FILE = "error.txt"  # where Tune writes a failed trial's traceback (ray.tune.result)
 TRACKED_METRICS = (
     "test_acc", "test_loss", "test_perplexity", "train_loss", "comm_gib", "up_gib", "down_gib",
     "sim_time_s", "wall_s", "align_loss",
@@ -102,30 +101,74 @@ def _param_batches(params: dict[str, Any]) -> list[list[Any]]:
     return [items[i : i + 100] for i in range(0, len(items), 100)]
 
 
+def open_experiment(client: Any, uri: str, name: str, artifact_dir: Path) -> str:
+    """The id of the MLflow experiment `name`, made (or restored) if need be. A local store
+    keeps artifacts in `artifact_dir`, next to the results (not in whatever the CWD is); a
+    tracking server decides for itself."""
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        local = uri.startswith("sqlite:") or "://" not in uri
+        location = artifact_dir.resolve().as_uri() if local else None
+        return client.create_experiment(name, artifact_location=location)
+    if found.lifecycle_stage == "deleted":
+        client.restore_experiment(found.experiment_id)
+    return found.experiment_id
+
+
+def create_run(client: Any, experiment_id: str, run_name: str, tags: dict[str, str],
+               params: dict[str, Any]) -> str:  # fmt: skip
+    """A new RUNNING run with `params` logged; returns its id."""
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    for batch in _param_batches(params):
+        client.log_batch(run.info.run_id, params=batch)
+    return run.info.run_id
+
+
+def config_params(cfg: Config) -> dict[str, Any]:
+    """A run's or trial's params: its flattened config without the search block."""
+    return {k: v for k, v in flatten(cfg.to_dict()).items() if k != "search"}
+
+
+def log_round(client: Any, run_id: str, row: dict[str, Any]) -> None:
+    """One round's TRACKED_METRICS (those in `row`) with step = the round."""
+    from mlflow.entities import Metric
+
+    now, step = int(time.time() * 1000), int(row["round"])
+    metrics = [Metric(k, float(row[k]), now, step) for k in TRACKED_METRICS if k in row]
+    client.log_batch(run_id, metrics=metrics)
+
+
+def reopen_run(client: Any, run_id: str) -> int:
+    """A run going on (a resumed trial or run): RUNNING again; returns the last round it
+    logged (0: none), so that rounds logged before are not logged twice."""
+    client.update_run(run_id, status="RUNNING")
+    history = client.get_metric_history(run_id, "test_acc")
+    return max((m.step for m in history), default=0)
+
+
+def log_artifacts(client: Any, run_id: str, paths: Iterable[Path]) -> None:
+    for path in paths:
+        if Path(path).exists():
+            client.log_artifact(run_id, str(path))
+
+
+def end_run(client: Any, run_id: str, status: str, error: str = "") -> None:
+    """Ends a run with `status` (FINISHED, FAILED, KILLED), its reason as the `error` tag."""
+    if error:
+        client.set_tag(run_id, "error", error[:5000])
+    client.set_terminated(run_id, status)
+
+
 def start_sweep_run(
     uri: str, experiment: str, artifact_dir: Path, config: dict[str, Any], sweep_dir: Path
 ) -> tuple[str, str]:
     """The sweep's parent run (params = the flattened config, search block included); returns
-    (experiment id, run id). Artifacts live next to the results, not in the CWD."""
+    (experiment id, run id)."""
     client = _client(uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        # a local store keeps artifacts next to the results (not in whatever the CWD is); a
-        # tracking server decides for itself
-        local = uri.startswith("sqlite:") or "://" not in uri
-        location = artifact_dir.resolve().as_uri() if local else None
-        experiment_id = client.create_experiment(experiment, artifact_location=location)
-    else:
-        experiment_id = found.experiment_id
-        if found.lifecycle_stage == "deleted":
-            client.restore_experiment(experiment_id)
-    run = client.create_run(
-        experiment_id, run_name=f"{experiment} sweep",
-        tags={"fslsage.kind": "sweep", "fslsage.results": str(sweep_dir)},
-    )  # fmt: skip
-    for batch in _param_batches(flatten(config)):
-        client.log_batch(run.info.run_id, params=batch)
-    return experiment_id, run.info.run_id
+    experiment_id = open_experiment(client, uri, experiment, artifact_dir)
+    tags = {"fslsage.kind": "sweep", "fslsage.results": str(sweep_dir)}
+    run_id = create_run(client, experiment_id, f"{experiment} sweep", tags, flatten(config))
+    return experiment_id, run_id
 
 
 def finish_sweep_run(uri: str, run_id: str, status: str, artifacts: list[Path]) -> None:
@@ -133,9 +176,7 @@ def finish_sweep_run(uri: str, run_id: str, status: str, artifacts: list[Path]) 
     the error is raised after), so that it is never left RUNNING."""
     client = _client(uri)
     try:
-        for path in artifacts:
-            if path.exists():
-                client.log_artifact(run_id, str(path))
+        log_artifacts(client, run_id, artifacts)
     finally:
         client.set_terminated(run_id, status)
 
@@ -151,18 +192,22 @@ def settle_trial_runs(
     parent_run_id: str,
     outcomes: dict[str, tuple[str, str]],
     leftover: str = "KILLED",
+    artifacts: dict[str, list[Path]] | None = None,
 ) -> None:
     """Ends each trial's run as the sweep's summary says ({trial id: (summary status, error)}):
     Tune stops the running trials of an interrupted sweep without telling the callbacks, and a
     trial whose results went missing ended FINISHED in the callbacks. A run still RUNNING with
-    no outcome (the sweep was cut short before its summary) ends `leftover`."""
+    no outcome (the sweep was cut short before its summary) ends `leftover`. `artifacts`
+    ({trial id: files}) go to each trial's run first (its metrics.parquet, partition, ...)."""
     client = _client(uri)
     runs = client.search_runs(
         [experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
         max_results=50_000,
     )  # fmt: skip
     for run in runs:
-        outcome = outcomes.get(run.data.tags.get("trial_id", ""))
+        tid = run.data.tags.get("trial_id", "")
+        log_artifacts(client, run.info.run_id, (artifacts or {}).get(tid, []))
+        outcome = outcomes.get(tid)
         if outcome is None:
             if run.info.status == "RUNNING":
                 client.set_terminated(run.info.run_id, leftover)
@@ -178,111 +223,57 @@ def reopen_sweep_run(uri: str, run_id: str) -> None:
     _client(uri).update_run(run_id, status="RUNNING")
 
 
-class MlflowTrials(tune.Callback):
-    """A child run per trial under the sweep's parent run: params = the trial's flattened config,
-    metrics per round with step = round, FAILED with the error when the trial fails. A resumed
-    trial reuses its run and logs only rounds past the last one logged."""
 
-    def __init__(self, uri: str, experiment_id: str, parent_run_id: str, base: dict[str, Any],
-                 keys: list[str]):  # fmt: skip
-        self.uri, self.experiment_id, self.parent_run_id = uri, experiment_id, parent_run_id
-        self.base, self.keys = base, keys
-        self._runs: dict[str, str] = {}  # trial id → run id
-        self._last_step: dict[str, int] = {}
-        self._mlflow: Any = None
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state.update(_runs={}, _last_step={}, _mlflow=None)
-        return state
+class RunTracker:
+    """The MLflow run of one `fslsage.run`, logged as a sweep's trial is: params = the flattened
+    config, per-round metrics with step = round, the run's files as artifacts, FAILED with its
+    reason or KILLED when it does not finish. Tagged with its output folder, so a resumed run
+    goes on in the same MLflow run."""
 
-    @property
-    def client(self) -> Any:
-        if self._mlflow is None:
-            self._mlflow = _client(self.uri)
-        return self._mlflow
+    def __init__(self, uri: str, run_id: str, last_step: int = -1):
+        self.uri, self.run_id, self.last_step = uri, run_id, last_step
+        self.client = _client(uri)
 
-    def _run_id(self, trial: Any) -> str:
-        tid = trial.trial_id
-        if tid in self._runs:
-            return self._runs[tid]
-        found = self.client.search_runs(
-            [self.experiment_id],
-            filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_run_id}' "
-            f"and tags.trial_id = '{tid}'",
-        )
-        if found:
-            run_id = found[0].info.run_id
-            self.client.update_run(run_id, status="RUNNING")
-            history = self.client.get_metric_history(run_id, "test_acc")
-            self._last_step[tid] = max((m.step for m in history), default=0)
-        else:
-            cfg = trial_config(self.base, trial.config)
-            label = trial_label(trial.config, self.keys)
-            run = self.client.create_run(
-                self.experiment_id,
-                run_name=f"{cfg.algorithm} {label}".strip() + f" [{tid}]",
-                tags={PARENT_TAG: self.parent_run_id, "trial_id": tid, "fslsage.kind": "trial",
-                      "algorithm": cfg.algorithm},
+    @classmethod
+    def start(cls, uri: str, cfg: Config, out: Path, resume: bool = False) -> RunTracker:
+        """The run's MLflow run in experiment `name`: a new one, or with `resume` the latest one
+        of the same output folder (rounds it logged already are not logged again). A local
+        store keeps artifacts in mlartifacts/ beside the output folder."""
+        client = _client(uri)
+        experiment_id = open_experiment(client, uri, cfg.name, out.parent / "mlartifacts")
+        if resume:
+            found = client.search_runs(
+                [experiment_id], filter_string="tags.`fslsage.kind` = 'run' and "
+                f"tags.`fslsage.results` = '{out}'", order_by=["attributes.start_time DESC"],
+                max_results=1,
             )  # fmt: skip
-            run_id = run.info.run_id
-            params = {k: v for k, v in flatten(cfg.to_dict()).items() if k != "search"}
-            for batch in _param_batches(params):
-                self.client.log_batch(run_id, params=batch)
-            self._last_step[tid] = 0
-        self._runs[tid] = run_id
-        return run_id
+            if found:
+                run_id = found[0].info.run_id
+                return cls(uri, run_id, reopen_run(client, run_id))
+        tags = {"fslsage.kind": "run", "fslsage.results": str(out), "algorithm": cfg.algorithm}
+        run_id = create_run(client, experiment_id, f"{cfg.algorithm} {cfg.name}", tags,
+                            config_params(cfg))  # fmt: skip
+        return cls(uri, run_id)
 
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._run_id(trial)
+    def log_round(self, row: dict[str, Any]) -> None:
+        if int(row["round"]) > self.last_step:
+            log_round(self.client, self.run_id, row)
+            self.last_step = int(row["round"])
 
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
-                        **info: Any) -> None:  # fmt: skip
-        from mlflow.entities import Metric
-
-        if "round" not in result:  # not one of run_trial's reports
-            return
-        run_id = self._run_id(trial)
-        step = int(result["round"])
-        if step <= self._last_step.get(trial.trial_id, 0):
-            return  # logged before a restart
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, float(result[k]), now, step) for k in TRACKED_METRICS if k in result]
-        self.client.log_batch(run_id, metrics=metrics)
-        self._last_step[trial.trial_id] = step
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.client.set_terminated(self._run_id(trial), "FINISHED")
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        run_id = self._run_id(trial)
-        error = trial_error(trial)
-        self.client.set_tag(run_id, "error", error_reason(error)[:5000])
-        self.client.set_terminated(run_id, "FAILED")
+    def finish(self, status: str, artifacts: Iterable[Path] = (), error: str = "") -> None:
+        """Logs the artifacts that exist and ends the run, even when copying one fails."""
+        try:
+            log_artifacts(self.client, self.run_id, artifacts)
+        finally:
+            end_run(self.client, self.run_id, status, error)
 
 
-class Progress(tune.Callback):
-    """One console line per finished round per trial, and one when a trial ends."""
+def __getattr__(name: str) -> Any:
+    """The Tune callbacks lived here before tune/callbacks.py: a sweep's saved state may name
+    them so (`--resume` unpickles it)."""
+    if name in ("MlflowTrials", "Progress"):
+        from tune import callbacks
 
-    def __init__(self, base: dict[str, Any], keys: list[str]):
-        self.algorithm, self.keys = base["algorithm"], keys
-
-    def _name(self, trial: Any) -> str:
-        algorithm = trial.config.get("algorithm", self.algorithm)
-        label = trial_label(trial.config, self.keys)
-        return " ".join(p for p in (trial.trial_id, algorithm, label) if p)
-
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict,
-                        **info: Any) -> None:  # fmt: skip
-        if "round" not in result:
-            return
-        print(f"[{self._name(trial)}] round {result['round']:>3}  "
-              f"comm {result['comm_gib']:9.4f} GiB  test_acc {result['test_acc']:.4f}",
-              flush=True)  # fmt: skip
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        print(f"[{self._name(trial)}] finished", flush=True)
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        error = trial_error(trial)
-        print(f"[{self._name(trial)}] FAILED: {error_reason(error)}", flush=True)
+        return getattr(callbacks, name)
+    raise AttributeError(name)

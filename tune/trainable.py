@@ -1,23 +1,28 @@
 """One Tune trial = one experiment: `fslsage.experiment.run_experiment` with a report per round.
 
-Checkpoints every `checkpoint_every` rounds hold the rounds reported so far. A restored trial
-(`--resume`, or Tune retrying it) re-runs the experiment from its first round, which is
-deterministic for a given seed, and reports only the rounds after its checkpoint, so no round is
-reported twice; the sweep's results additionally keep one row per (trial, round) whatever Tune
-logged.
+Every `checkpoint_every` rounds the trial reports a Tune checkpoint. On the in-process runtime it
+holds the whole experiment (`fslsage.checkpoint`: plain data, loaded with weights_only), so a
+restored trial (`--resume`, or Tune retrying it: `search.max_failures`) goes on from that round.
+The Ray runtime does not checkpoint to disk yet: its checkpoint holds the rounds reported so far,
+and a restored trial re-runs the experiment from its first round (deterministic for a given
+seed), reporting only the rounds after its checkpoint. Either way no round is reported twice,
+and the sweep's results keep one row per (trial, round) whatever Tune logged.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from ray import tune
 
-from fslsage.experiment import LocalRuntime, Runtime, prepare, run_experiment
+from fslsage import checkpoint as experiment_checkpoint
+from fslsage.experiment import LocalRuntime, Runtime, checkpoint_folder, prepare, run_experiment
+from fslsage.results import write_partition_csv
 from fslsage.stateless import remove_gradient_store, run_gradient_store
 from tune.resources import pin_client_actors
 from tune.space import trial_config
@@ -25,13 +30,22 @@ from tune.space import trial_config
 CHECKPOINT_FILE = "progress.json"
 
 
-def restored_round() -> int:
+def restored_round(folder: Path | None) -> int:
     """The last round this trial reported before it was interrupted (-1: a fresh start; round
-    0 is a warm start's)."""
+    0 is a warm start's). The experiment's checkpoint file in it, if any, goes to `folder`, the
+    trial's checkpoint folder, for the experiment to resume from: only Tune's checkpoint counts
+    (one written after it, whose round Tune never got, must not be resumed from)."""
+    if folder is not None:
+        experiment_checkpoint.remove_all(folder)
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
         return -1
     with checkpoint.as_directory() as d:
+        saved = [p for p in Path(d).iterdir() if experiment_checkpoint.FILE.match(p.name)]
+        if folder is not None and saved:
+            folder.mkdir(parents=True, exist_ok=True)
+            for path in saved:
+                shutil.copy2(path, folder / path.name)
         return int(json.loads((Path(d) / CHECKPOINT_FILE).read_text())["round"])
 
 
@@ -60,26 +74,37 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], cluster: dict[str, f
     cfg = pin_client_actors(trial_config(base, params, check_registries=True), cluster)
     if cfg.runtime == "local":
         torch.set_num_threads(1)  # the trial reserved one CPU
-    done = restored_round()
+    # temporary files (the gradient store) and checkpoints stay inside the trial's own folder
+    trial_dir = Path(tune.get_context().get_trial_dir())
+    cfg = run_gradient_store(cfg, trial_dir)
+    prepared = prepare(cfg)
+    # into the trial's folder of the sweep, where the driver draws it when the sweep ends
+    # (get_trial_dir() is a local working folder Tune does not sync, and a reused actor's)
+    write_partition_csv(prepared.histogram, tune.get_context().get_storage().trial_fs_path)
+    runtime = make_runtime(prepared)
+    folder = checkpoint_folder(cfg, runtime, trial_dir)  # None: the runtime cannot
+    done = restored_round(folder)
+    resume = folder is not None and bool(experiment_checkpoint.rounds(folder))
     reported: list[dict[str, Any]] = []
 
     def on_round(row: dict[str, Any]) -> None:
         reported.append(row)
-        if row["round"] <= done:  # reported before the interruption
+        if row["round"] <= done:  # reported before the interruption (re-run from round 1)
             return
         if cfg.checkpoint_every and row["round"] % cfg.checkpoint_every == 0:
             with tempfile.TemporaryDirectory() as d:
                 state = {"round": row["round"], "rows": reported}
                 (Path(d) / CHECKPOINT_FILE).write_text(json.dumps(state))
+                if folder is not None:  # the experiment's own, written just before
+                    name = f"round-{row['round']:06d}.pt"
+                    shutil.copy2(folder / name, Path(d) / name)
                 tune.report(row, checkpoint=tune.Checkpoint.from_directory(d))
         else:
             tune.report(row)
 
-    # temporary files (the gradient store) stay inside the trial's own folder of the sweep
-    cfg = run_gradient_store(cfg, tune.get_context().get_trial_dir())
-    runtime = make_runtime(prepare(cfg))
     try:
-        run_experiment(cfg, runtime, out_dir=None, progress=None, on_round=on_round)
+        run_experiment(cfg, runtime, out_dir=None if folder is None else trial_dir,
+                       progress=None, on_round=on_round, resume=resume)  # fmt: skip
     finally:
         runtime.close()
         remove_gradient_store(cfg)

@@ -14,7 +14,7 @@ Transport, byte accounting and scheduling live in `fslsage.transport` and the ru
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
@@ -126,6 +126,31 @@ def server_step(
     return loss.detach(), z.grad
 
 
+def coalesced_step(
+    model: nn.Module, opt: torch.optim.Optimizer, zs: list[Tensor], ys: list[Tensor],
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:  # fmt: skip
+    """One optimizer step on several requests at once (`server_batching: coalesce`). The step's
+    loss is the mean over all their samples (exactly `server_step` on `torch.cat`); request i
+    gets ∂(its own mean loss)/∂z_i — the shared gradient's slice rescaled by total/own sample
+    count, at the weights before the step — and its own mean loss.
+    Returns (step loss, per-request gradients, per-request losses)."""
+    sizes = [len(z) for z in zs]
+    z = torch.cat(zs).detach().requires_grad_(True)
+    y = torch.cat(ys)
+    per_sample = loss_fn(model(z), y, "none", label_smoothing).view(len(y), -1).sum(1)
+    counts = [(yi != IGNORE_INDEX).sum() for yi in ys]  # labelled targets, as loss_fn's mean
+    total = torch.stack(counts).sum().clamp(min=1)
+    loss = per_sample.sum() / total
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    own = [c.clamp(min=1) for c in counts]
+    grads = [g * (total / c) for g, c in zip(z.grad.split(sizes), own, strict=True)]
+    losses = [p.sum() / c for p, c in zip(per_sample.detach().split(sizes), own, strict=True)]
+    return loss.detach(), grads, losses
+
+
 def train_with_server_gradients(client: Client, batches: Batches, server: ServerLink) -> Tensor:
     """Vanilla split learning on one client (sl, splitfed_v1, splitfed_v2): per batch, z goes up,
     the server steps and sends ∂L/∂z down, the client back-propagates it and steps."""
@@ -189,7 +214,15 @@ class ClientReport:
 
 
 class Server:
-    """S-Server base: one shared server model stepped on every request it learns from."""
+    """S-Server base: one shared server model stepped on every request it learns from.
+
+    A request of kind K ("upload", "exchange", "align") goes to `on_K(cid, *args)`. A server may
+    also serve several requests of a kind at once (`server_batching: coalesce` on Ray):
+    `on_K_batch(requests)` takes a list of (cid, *args) and returns one answer per request. A
+    server without one is served one request at a time (`batch_handler`)."""
+
+    # set by a server whose weights go out to stateless replicas after it steps (`published`)
+    publishes: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, cfg: Config, num_clients: int):
         self.cfg, self.num_clients = cfg, num_clients
@@ -205,6 +238,14 @@ class Server:
 
     def on_align(self, cid: int) -> State:
         raise NotImplementedError(f"{type(self).__name__} has no auxiliary models")
+
+    def batch_handler(self, kind: str) -> Callable[[list[tuple]], list] | None:
+        """`on_<kind>_batch`, which serves a list of requests of `kind` at once, if the class
+        that defines this server's `on_<kind>` defines it too (a subclass that changes the
+        single handler without its batch twin is served one request at a time); else None."""
+        single, batch = f"on_{kind}", f"on_{kind}_batch"
+        owner = next((c for c in type(self).__mro__ if single in vars(c)), None)
+        return getattr(self, batch) if owner is not None and batch in vars(owner) else None
 
     def set_label_counts(self, counts: np.ndarray) -> None:
         """The clients' label histograms (clients × classes), shared once as the run starts;
@@ -269,12 +310,17 @@ class Algorithm:
 
     name: ClassVar[str]
     federated_parts: ClassVar[tuple[str, ...]] = ("client_model",)  # broadcast, uploaded, averaged
-    sequential: ClassVar[bool] = False  # sl: clients one after another, model passed along
     asynchronous: ClassVar[bool] = False  # gas: global iterations on a simulated-time schedule
     server_class: ClassVar[type[Server] | None] = Server
     uses_aux: ClassVar[bool] = False
     # one shared server model that answers with gradients: it can run as stateless replicas
     stateless_server: ClassVar[bool] = False
+    # server metrics (`Server.log`) that get a column of their own in every round's row
+    metric_columns: ClassVar[tuple[str, ...]] = ()
+    # needs class labels (not a language model's tokens)
+    needs_class_labels: ClassVar[bool] = False
+    # the client network profile (fslsage.simulation) that `network: auto` means for it
+    network: ClassVar[str] = "equal"
     def __init__(self, cfg: Config, split: SplitModel):
         self.cfg, self.split = cfg, split
         self._warm_start: Algorithm | None = None
@@ -288,7 +334,7 @@ class Algorithm:
         if self._warm_start is None:
             from fslsage.algorithms.cse_fsl import CSEFSL
 
-            self._warm_start = self if isinstance(self, CSEFSL) else CSEFSL(self.cfg, self.split)
+            self._warm_start = CSEFSL(self.cfg, self.split)
         return self._warm_start
 
     def hands_over(self, t: int) -> bool:
@@ -338,6 +384,15 @@ class Algorithm:
     def initial_global(self) -> dict[str, State]:
         modules = self.client_modules()
         return {p: clone_state(communicated_state(modules[p])) for p in self.federated_parts}
+
+    # -- the schedule of a synchronous round ------------------------------------------------------
+    def round_stages(self, cids: list[int]) -> list[list[int]]:
+        """The round's clients in stages, in id order. Every client of a stage starts from the
+        same weights: in the first stage the global weights, in each later one the weights the
+        previous stage's last client handed on. The runtimes run a stage's clients side by side
+        (on Ray) and the stages one after another; the simulated clock adds up each stage's
+        slowest client. Default: one stage, everyone from the global weights."""
+        return [cids]
 
     # -- the maths ------------------------------------------------------------------------------
     def train_round(self, client: Client, batches: Batches, server: ServerLink, t: int) -> Tensor:

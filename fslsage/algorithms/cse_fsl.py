@@ -15,6 +15,7 @@ from fslsage.algorithms.base import (
     Server,
     ServerLink,
     TrafficSizes,
+    coalesced_step,
     exchange_traffic,
     loss_fn,
     server_step,
@@ -29,6 +30,13 @@ class UploadServer(Server):
     def on_upload(self, cid, z, y):
         loss, _ = server_step(self.model, self.opt, z, y, self.cfg.label_smoothing)
         self.log("server_loss", loss)
+
+    def on_upload_batch(self, requests):
+        """Several uploads, ONE step on all their samples (`coalesced_step`); answers nothing."""
+        zs, ys = [r[1] for r in requests], [r[2] for r in requests]
+        loss, _, _ = coalesced_step(self.model, self.opt, zs, ys, self.cfg.label_smoothing)
+        self.log("server_loss", loss)
+        return [None] * len(requests)
 
 
 @ALGORITHMS.register("cse_fsl")

@@ -57,12 +57,15 @@ from fslsage.algorithms.base import (
 from fslsage.algorithms.cse_fsl import UploadServer
 from fslsage.memory import ClientStates, offloads_client_state
 from fslsage.models import communicated_state
+from fslsage.progress import report_phase
 
 
 def aligns(cfg, t: int) -> bool:
-    """Whether round t aligns: the first FSL-SAGE round (round 1; round 0 is a warm start's
-    cse_fsl round) and every l-th after it, as the reference's t % l == 0 counting from 0."""
-    return t >= 1 and (t - 1) % cfg.align_interval == 0
+    """Whether round t aligns: `first_align_round` and every l-th after it. By default the
+    first FSL-SAGE round (round 1; round 0 is a warm start's cse_fsl round), as the
+    reference's t % l == 0 counting from 0."""
+    start = cfg.first_align_round
+    return t >= start and (t - start) % cfg.align_interval == 0
 
 
 def true_cut_gradient(server_model: torch.nn.Module, z: Tensor, y: Tensor, cfg) -> Tensor:
@@ -123,6 +126,12 @@ class AligningServer(UploadServer):
         self.keep_upload(cid, z, y)
         super().on_upload(cid, z, y)
 
+    def on_upload_batch(self, requests):
+        """Every upload into its client's buffer, then the shared step on all of them."""
+        for cid, z, y in requests:
+            self.keep_upload(cid, z, y)
+        return super().on_upload_batch(requests)
+
     def keep_upload(self, cid, z, y):
         """The upload goes into client cid's alignment buffer (eager: with its target, from
         the server the upload met)."""
@@ -166,6 +175,7 @@ class AligningServer(UploadServer):
                 total += loss.detach() * len(idx)
             last = total / len(z)
             first = last if epoch == 0 else first
+            report_phase(f"aligning an aux model: epoch {epoch + 1}/{self.cfg.align_epochs}")
         return first, last
 
 
@@ -173,6 +183,7 @@ class AligningServer(UploadServer):
 class FSLSAGE(Algorithm):
     uses_aux = True
     federated_parts = ("client_model",)  # aux models stay per client
+    metric_columns = ("align_loss",)  # the last alignment epoch's loss (NaN: no alignment)
 
     def new_server(self, device):
         server = copy.deepcopy(self.split.server).to(device)

@@ -392,6 +392,8 @@ def event_seconds(clock: RoundClock) -> Callable[[int, str, int], float]:
 @ALGORITHMS.register("gas")
 class GAS(Algorithm):
     asynchronous = True  # runs `global_iteration`s on an AsyncSchedule instead of rounds
+    needs_class_labels = True  # the logit adjustment's label priors
+    network = "wireless"  # its paper's setting
 
     def new_server(self, device):
         info = describe_dataset(self.cfg.dataset, **self.cfg.dataset_args)

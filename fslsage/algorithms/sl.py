@@ -10,9 +10,13 @@ from fslsage.algorithms.splitfed_v2 import SplitFedV2
 
 @ALGORITHMS.register("sl")
 class SplitLearning(SplitFedV2):
-    # Same client step and server as SplitFed v2; what differs is the schedule: the runtime runs
-    # the clients one after another, each starting from the model the previous one handed on.
-    sequential = True
+    # Same client step and server as SplitFed v2; what differs is the schedule (the relay) and
+    # the aggregate.
+
+    def round_stages(self, cids: list[int]) -> list[list[int]]:
+        """The relay: one client at a time, in id order, each starting from the client model
+        the one before it handed on (the first from the global model)."""
+        return [[cid] for cid in cids]
 
     def aggregate(self, reports: list[ClientReport]):
         """No averaging: the global client model is the one the last client handed on."""

@@ -11,6 +11,7 @@ from fslsage.algorithms.base import (
     Server,
     ServerLink,
     TrafficSizes,
+    coalesced_step,
     exchange_traffic,
     server_step,
     train_with_server_gradients,
@@ -23,6 +24,13 @@ class SharedServer(Server):
     def on_exchange(self, cid, z, y):
         loss, grad = server_step(self.model, self.opt, z, y, self.cfg.label_smoothing)
         return grad, loss
+
+    def on_exchange_batch(self, requests):
+        """Several exchanges, ONE step on all their samples (`coalesced_step`): each gets
+        ∂(its own mean loss)/∂z at the weights before the step, and its loss."""
+        zs, ys = [r[1] for r in requests], [r[2] for r in requests]
+        _, grads, losses = coalesced_step(self.model, self.opt, zs, ys, self.cfg.label_smoothing)
+        return list(zip(grads, losses, strict=True))
 
 
 @ALGORITHMS.register("splitfed_v2")
