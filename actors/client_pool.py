@@ -33,6 +33,7 @@ from actors.common import (
     unpack,
 )
 from fslsage.algorithms.base import Algorithm, ClientReport, State
+from fslsage.checkpoint import rng_state, set_rng_state
 from fslsage.data import BatchStream
 from fslsage.experiment import apply_compute_settings
 from fslsage.ledger import Ledger
@@ -294,13 +295,18 @@ class ClientActor:
     def state(self) -> bytes:
         """Every owned client (modules, optimizer state, RNG, and for gas where its minibatch
         stream stands) for a checkpoint."""
-        positions = {cid: stream.position() for cid, stream in self.streams.items()}
-        return dumps((self.clients, positions))
+        return dumps(self._state())
 
     def load_state(self, blob: bytes) -> None:
-        self.clients, positions = loads(blob, self.device)
+        state = loads(blob, self._state(), self.device)
+        self.clients = state["clients"]
+        set_rng_state(state["rng"])  # dropout draws from the process's generator
         if self.streams:  # they draw from the restored clients' generators
-            self._open_streams(positions)
+            self._open_streams(state["positions"])
+
+    def _state(self) -> dict[str, Any]:
+        return {"clients": self.clients, "rng": rng_state(),
+                "positions": {cid: stream.position() for cid, stream in self.streams.items()}}
 
     def arm_crash(self, t: int, cid: int) -> None:
         """Test hook: the process exits when it is about to run client `cid` in round t."""

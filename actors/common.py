@@ -8,14 +8,13 @@ import io
 import logging
 import os
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from torch.serialization import default_restore_location
 
+from fslsage.checkpoint import capture, restore
 from fslsage.config import Config
 from fslsage.data import ClientShard
 from fslsage.data.base import DatasetInfo
@@ -176,34 +175,20 @@ def unpack(obj: Any, device: torch.device | str) -> Any:
 
 
 def dumps(obj: Any) -> bytes:
-    """A whole role object (modules, optimizers sharing their parameters, RNGs) as bytes."""
+    """A role object's state (clients, an S-Server with its per-client state, RNGs) as bytes of
+    plain data (`fslsage.checkpoint.capture`): tensors, numbers, strings and containers."""
     buf = io.BytesIO()
-    torch.save(obj, buf)
+    torch.save(capture(obj), buf)
     return buf.getvalue()
 
 
-def restore_location(device: torch.device | str) -> Callable[[Any, str], Any]:
-    """torch.load's map_location for a role object restored on `device`: a storage saved on a
-    GPU (any index: a restarted actor may be on another card) comes back on `device`, one saved
-    on the CPU stays there, as the role kept it. Some must: a `torch.Generator` pickles its
-    state as a CPU byte tensor and `Generator.__setstate__` takes no other (a plain
-    map_location=<cuda> fails every restore on a GPU), and optimizers keep e.g. Adam's step
-    counts on the CPU."""
-    target = str(device)
-
-    def restore(storage: Any, location: str) -> Any:
-        if location == "cpu":
-            return storage  # torch.load reads every storage into host memory first
-        return default_restore_location(storage, target)
-
-    return restore
-
-
-def loads(blob: bytes, device: torch.device | str) -> Any:
-    """A role object saved by `dumps`, restored on `device` (see `restore_location`): parameters
-    and optimizer state on the GPU come back on this actor's GPU, still shared between the
-    modules and their optimizers; generators and the CPU tensors stay on the CPU."""
-    return torch.load(io.BytesIO(blob), map_location=restore_location(device), weights_only=False)
+def loads(blob: bytes, target: Any, device: torch.device | str) -> Any:
+    """`dumps`'s bytes written back into `target`, a role object built from the same config (a
+    restarted actor's, or the live one rolled back): read with `weights_only`, so bytes from
+    elsewhere cannot run code here; tensors go where the target keeps them (a generator's state
+    stays on the CPU, parameters on this actor's device), new ones to `device`."""
+    plain = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    return restore(target, plain, device)
 
 
 def assigned_resources() -> dict[str, Any]:

@@ -42,6 +42,7 @@ from actors.client_pool import ClientActor, owned_clients
 from actors.common import DataBundle, assigned_resources, start_local_ray
 from actors.replica import ServerReplica
 from actors.s_server import SServer, StateLost
+from fslsage import checkpoint as plain
 from fslsage.algorithms.base import Algorithm, State, first_round
 from fslsage.config import Config, ConfigError
 from fslsage.experiment import Prepared, RoundOutcome, async_schedule
@@ -692,6 +693,31 @@ class RayRuntime:
         ray.wait([server, *clients], num_returns=1 + len(clients), fetch_local=False)
         self.checkpoint = Checkpoint(t, self.server_after, self.global_ref, server, clients,
                                      copy.deepcopy(self.schedule))  # fmt: skip
+
+    def state_dict(self) -> dict[str, Any]:
+        """The newest checkpoint (`checkpoint_every`: the round just run, taken before the next
+        was submitted) as plain data for the disk (`fslsage.checkpoint`): the S-Server's and
+        every client actor's state as the bytes they gave (plain data too), the global weights
+        and gas's schedule."""
+        ckpt = self.checkpoint
+        assert ckpt is not None, "checkpoint_every is 0"
+        return {"round": ckpt.t, "after": ckpt.after, "server": ray.get(ckpt.server),
+                "clients": ray.get(ckpt.clients),
+                "global_weights": plain.capture(ray.get(ckpt.global_weights)),
+                "schedule": plain.capture(ckpt.schedule)}  # fmt: skip
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A checkpoint from the disk into this runtime's fresh actors (`--resume`): it becomes
+        the checkpoint a lost actor is restored from, and every role is restored from it."""
+        schedule = (None if self.schedule is None else
+                    plain.restore(self.schedule, state["schedule"], "cpu", "schedule"))  # fmt: skip
+        globals_ = plain.restore(None, state["global_weights"], "cpu", "global_weights")
+        self.epoch = max(self.epoch, state["after"])
+        self.checkpoint = Checkpoint(state["round"], state["after"], ray.put(globals_),
+                                     ray.put(state["server"]),
+                                     [ray.put(blob) for blob in state["clients"]],
+                                     copy.deepcopy(schedule))  # fmt: skip
+        self._recover(state["round"] + 1)
 
     def _recover(self, t: int) -> None:
         """Every role back to the checkpoint (Ray has restarted the dead actor or is doing so),

@@ -56,7 +56,8 @@ from actors.common import (
     pack,
     unpack,
 )
-from fslsage.algorithms.base import Algorithm, State
+from fslsage.algorithms.base import Algorithm, Server, State
+from fslsage.checkpoint import rng_state, set_rng_state
 from fslsage.experiment import apply_compute_settings, evaluate, evaluation_steps
 from fslsage.memory import peak_gpu_columns, peak_gpu_mib
 from fslsage.precision import autocast
@@ -452,7 +453,7 @@ class SServer:
         if req.kind == "evaluate":
             return await self._compute(self._evaluate, *req.args)
         if req.kind == "state":
-            return await self._compute(dumps, self.server)
+            return await self._compute(lambda: dumps({"server": self.server, "rng": rng_state()}))
         if req.kind == "load":
             self._abort("state restored from a checkpoint")
             early, self.early, self.deferred = [*self.early, *self.deferred], [], []
@@ -461,7 +462,7 @@ class SServer:
             self._reset_round(epoch=-1)
             blob, self.state_after = req.args
             self.rejected = None
-            self.server = await self._compute(loads, blob, self.device)
+            self.server = await self._compute(self._restore, blob)
             if self._publishes():  # the replicas go back with it
                 await self._publish(wait=True)
             return None
@@ -614,6 +615,12 @@ class SServer:
                                  self.cfg.eval_batch_size, self.device)  # fmt: skip
         self.evaluations.append((steps, future))
         return future
+
+    def _restore(self, blob: bytes) -> Server:
+        """A checkpoint's state (`state`) written into the server and this process's RNG."""
+        state = loads(blob, {"server": self.server, "rng": rng_state()}, self.device)
+        set_rng_state(state["rng"])  # dropout draws from the process's generator
+        return state["server"]
 
     def _evaluation_step(self) -> None:
         """One test batch of the oldest pending evaluation (its result, after the last)."""

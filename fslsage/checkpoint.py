@@ -43,8 +43,8 @@ def capture(obj: Any) -> Any:
     """obj's state as plain data (see the module's docstring)."""
     if isinstance(obj, PLAIN):
         return obj
-    if isinstance(obj, Tensor):
-        return obj.detach().cpu()
+    if isinstance(obj, Tensor):  # a meta tensor (a model sized without memory) has no data
+        return obj.detach() if obj.is_meta else obj.detach().cpu()
     if hasattr(obj, "checkpoint_state"):  # an object that knows better (e.g. ClientStates)
         return {KIND: "custom", "state": capture(obj.checkpoint_state())}
     if isinstance(obj, nn.Module):

@@ -362,9 +362,7 @@ def resume_from(cfg: Config, runtime: Runtime, folder: Path | None) -> dict[str,
     from fslsage.config import ConfigError
 
     if folder is None:
-        why = ("checkpoint_every is 0" if not cfg.checkpoint_every else
-               f"runtime {cfg.runtime} does not checkpoint to disk yet")  # fmt: skip
-        raise ConfigError("--resume", f"nothing to resume from: {why}")
+        raise ConfigError("--resume", "nothing to resume from: checkpoint_every is 0")
     try:
         saved = checkpoint.load(folder)
     except pickle.UnpicklingError as e:  # what weights_only refuses: nothing of it ran
@@ -383,7 +381,8 @@ def resume_from(cfg: Config, runtime: Runtime, folder: Path | None) -> dict[str,
 
 
 # keys a resumed run may change: how long it runs and how it is placed, not what it computes
-RESUMABLE = ("rounds", "comm_budget_gib", "checkpoint_every", "num_client_actors", "name")
+RESUMABLE = ("rounds", "comm_budget_gib", "checkpoint_every", "num_client_actors", "name",
+             "plot_x_scale")
 
 
 def run_experiment(

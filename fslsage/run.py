@@ -172,12 +172,10 @@ class RunRecord:
 
 
 def check_resumable(cfg: Config, out: Path) -> None:
-    """--resume needs a runtime that checkpoints to disk and a checkpoint in `out`: said before
-    anything starts (whether its settings match is checked as it is loaded)."""
+    """--resume needs a checkpoint in `out`: said before anything starts (whether its settings
+    match is checked as it is loaded)."""
     from fslsage import checkpoint
 
-    if cfg.runtime != "local":
-        raise ConfigError("--resume", f"runtime {cfg.runtime} does not checkpoint to disk yet")
     if not checkpoint.rounds(out / "checkpoints"):
         raise ConfigError("--resume", f"no checkpoint in {out / 'checkpoints'}")
 

@@ -136,6 +136,18 @@ class StatelessServer(Server):
         self.pending: list[GradientRecord | str] = []
         self.applied = 0  # gradient records applied (tests: none lost, none twice)
 
+    def checkpoint_state(self) -> dict:
+        """What a checkpoint keeps (`fslsage.checkpoint`): all but the in-process replica, which
+        is the published weights and is made again from them at the next request."""
+        return {k: v for k, v in vars(self).items() if k != "replica"}
+
+    def restore_checkpoint(self, plain: dict, device: torch.device | str) -> None:
+        from fslsage.checkpoint import restore
+
+        for key, value in plain.items():
+            setattr(self, key, restore(getattr(self, key, None), value, device, key))
+        self.replica = None
+
     def on_exchange(self, cid, z, y):
         """In-process: a replica answers, its record goes to the store and on to the reducer."""
         if self.replica is None:  # the master weights are the published ones between steps

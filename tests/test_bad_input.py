@@ -108,8 +108,6 @@ BAD = {
     "resume without a checkpoint": Bad(
         ("--out", "{tmp}/never", "--resume"), "--resume", ("no checkpoint in", "never")
     ),
-    "resume on ray": Bad(sets("runtime=ray") + ("--resume",), "--resume",
-                         ("runtime ray does not checkpoint to disk yet",)),  # fmt: skip
     "resume with a dry run": Bad(("--dry-run", "--resume"), "--resume", ("--dry-run",)),
     "max_failures negative": Bad(sets("search.max_failures=-1"), "search.max_failures",
                                  ("int >= 0",), cli="sweep"),  # fmt: skip

@@ -142,3 +142,25 @@ def test_a_restored_tune_trial_resumes_from_its_experiment_checkpoint(tmp_path, 
     resumed = run(small("cse_fsl"), tmp_path / "trial", resume=True)
     whole = run(small("cse_fsl"), tmp_path / "whole")
     pd.testing.assert_frame_equal(resumed[SAME], whole[SAME])
+
+
+@pytest.mark.parametrize("algorithm", ["fsl_sage", "gas"])
+def test_a_ray_run_resumes_from_its_disk_checkpoint(ray_session, tmp_path, algorithm):
+    """The Ray runtime writes its checkpoint (the actors' states, as plain data) to the run's
+    folder; a new runtime with fresh actors resumes from it, and its rows equal the
+    uninterrupted in-process run's (the runtimes agree with `exact` batching)."""
+    from actors.runtime import RayRuntime
+
+    def on_ray(cfg, out: Path, resume: bool = False) -> pd.DataFrame:
+        runtime = RayRuntime(prepare(cfg))
+        try:
+            return run_experiment(cfg, runtime, out_dir=out, progress=None, resume=resume)
+        finally:
+            runtime.close()
+
+    ray_cfg = small(algorithm, runtime="ray", server_batching="exact", num_client_actors=2)
+    whole = run(small(algorithm), tmp_path / "whole")
+    on_ray(ray_cfg.replace(rounds=2), tmp_path / "cut")
+    assert checkpoint.rounds(tmp_path / "cut" / "checkpoints") == [2]
+    resumed = on_ray(ray_cfg, tmp_path / "cut", resume=True)
+    pd.testing.assert_frame_equal(resumed[SAME], whole[SAME], atol=1e-6, rtol=0)

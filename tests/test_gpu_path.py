@@ -5,6 +5,7 @@ that fit per card, and the bundle each actor takes in a trial's placement group.
 
 from __future__ import annotations
 
+import io
 from types import SimpleNamespace
 
 import pytest
@@ -21,11 +22,11 @@ from actors.common import (
     dumps,
     loads,
     memory_fraction,
-    restore_location,
 )
 from actors.runtime import actor_demands, check_fits, client_actor_count
 from actors.s_server import SServer
 from fslsage.algorithms.base import Client, make_optimizer
+from fslsage.checkpoint import KIND
 from fslsage.config import ConfigError
 from fslsage.experiment import prepare
 from tune.resources import trial_bundles
@@ -107,16 +108,23 @@ def test_a_local_trial_without_gpus_computes_on_the_cpu(fake_cuda):
 
 
 # ----------------------------------------------------------------------------- checkpoints
+def meta_client(cfg, generator: torch.Generator) -> Client:
+    """A client as an actor on a device would build it (the meta device stands for a GPU)."""
+    model = torch.nn.Linear(4, 2).to("meta")
+    return Client(0, {"client_model": model}, {"client_model": make_optimizer(model, cfg)},
+                  generator, num_samples=10)  # fmt: skip
+
+
 def test_a_checkpoint_restores_generators_on_the_cpu_and_tensors_on_the_device():
     """The failure on a GPU, reproduced with the meta device: restoring with map_location=<the
-    device> moved each generator's CPU state there and Generator.__setstate__ rejected it."""
-    model = torch.nn.Linear(4, 2).to("meta")
+    device> moved each generator's CPU state there and Generator.__setstate__ rejected it. A
+    checkpoint now writes values into the objects the actor built: the generator's state stays
+    on the CPU, the parameters on the device, shared with their optimizer."""
     cfg = demo_config()
     generator = torch.Generator().manual_seed(7)
     torch.rand(5, generator=generator)  # somewhere in its stream
-    client = Client(0, {"client_model": model}, {"client_model": make_optimizer(model, cfg)},
-                    generator, num_samples=10)  # fmt: skip
-    restored = loads(dumps(client), torch.device("meta"))
+    client = meta_client(cfg, generator)
+    restored = loads(dumps(client), meta_client(cfg, torch.Generator()), torch.device("meta"))
     assert restored.generator.device == torch.device("cpu")
     assert torch.equal(
         torch.rand(8, generator=restored.generator), torch.rand(8, generator=generator)
@@ -126,11 +134,13 @@ def test_a_checkpoint_restores_generators_on_the_cpu_and_tensors_on_the_device()
     assert restored.optimizers["client_model"].param_groups[0]["params"] == params  # shared
 
 
-def test_storages_saved_on_a_gpu_come_back_on_the_actors_device():
-    restore = restore_location(torch.device("meta"))
-    host = torch.arange(4, dtype=torch.float32).untyped_storage()
-    assert restore(host, "cuda:3").device.type == "meta"  # another card: this actor's
-    assert restore(host, "cpu") is host  # e.g. a generator's state, Adam's step count
+def test_a_checkpoint_is_plain_data_that_runs_no_code_when_read():
+    """What an actor hands over for a checkpoint reads back with torch.load(weights_only=True):
+    tensors, numbers, strings and containers, no pickled objects (issue 22.4)."""
+    cfg = demo_config()
+    client = prepare(cfg).algorithm.new_client(0, 10, torch.device("cpu"))
+    plain = torch.load(io.BytesIO(dumps(client)), weights_only=True)
+    assert plain[KIND] == "object" and plain["state"]["generator"][KIND] == "generator"
 
 
 def test_a_trained_clients_host_state_stays_on_the_cpu_on_any_device():
@@ -143,7 +153,9 @@ def test_a_trained_clients_host_state_stays_on_the_cpu_on_any_device():
     model(torch.randn(2, *prepared.info.input_shape)).sum().backward()
     opt.step()
     torch.rand(3, generator=client.generator)
-    restored = loads(dumps(client), torch.device("meta"))
+    target = prepared.algorithm.new_client(0, 10, torch.device("cpu"))
+    target.parts["client_model"].to("meta")
+    restored = loads(dumps(client), target, torch.device("meta"))
     state = restored.optimizers["client_model"].state
     assert state and all(s["step"].device.type == "cpu" for s in state.values())
     assert torch.equal(
@@ -255,7 +267,8 @@ def test_on_a_gpu_the_share_is_capped_and_a_checkpoint_round_trips(monkeypatch):
         model, opt = client.parts["client_model"], client.optimizers["client_model"]
         model(torch.randn(2, *prepared.info.input_shape, device=device)).sum().backward()
         opt.step()
-        restored = loads(dumps(client), device)
+        fresh = prepared.algorithm.new_client(0, 10, device)
+        restored = loads(dumps(client), fresh, device)
         assert restored.generator.device == client.generator.device
         assert torch.equal(torch.rand(4, generator=restored.generator, device=device),
                            torch.rand(4, generator=client.generator, device=device))  # fmt: skip

@@ -137,8 +137,8 @@ def test_an_offloaded_server_round_trips_through_a_checkpoint():
     runtime = LocalRuntime(prepare(cfg))
     runtime.run_round(1)
     original = runtime.server
-    restored = loads(dumps(original), "cpu")
-    assert restored.aux.resident == original.aux.resident is not None
+    assert original.aux.resident is not None  # one client's state is on the device
+    restored = loads(dumps(original), LocalRuntime(prepare(cfg)).server, "cpu")
     z, y = original.aux[0].buffer.tensors[:2]
     for server in (original, restored):
         server.on_upload(1, z[:8], y[:8])

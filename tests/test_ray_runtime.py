@@ -477,7 +477,8 @@ def test_coalesce_batches_concurrent_clients_and_splits_gradients(ray_session, a
             server.submit.remote(1, cid, 1, "done")
         metrics = ray.get(server.end_round.remote(1, 1))
         stats = ray.get(server.stats.remote())
-        stepped = loads(ray.get(server.state.remote()), torch.device("cpu"))
+        fresh = {"server": prepared.algorithm.new_server(torch.device("cpu")), "rng": {}}
+        stepped = loads(ray.get(server.state.remote()), fresh, torch.device("cpu"))["server"]
     finally:
         ray.kill(server)
     assert stats["batch_sizes"] == {n: 1}  # all of them well within max_wait: one batch

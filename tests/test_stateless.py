@@ -170,7 +170,9 @@ def test_replicas_killed_and_added_mid_run_lose_no_update(ray_session):
                 ray.kill(second, no_restart=True)
                 added = runtime.add_replica()
         served = ray.get(added.where.remote())["served"]
-        applied = loads(ray.get(runtime.server.state.remote()), torch.device("cpu")).applied
+        fresh = {"server": prepare(cfg).algorithm.new_server(torch.device("cpu")), "rng": {}}
+        state = loads(ray.get(runtime.server.state.remote()), fresh, torch.device("cpu"))
+        applied = state["server"].applied
     finally:
         runtime.close()
     assert_local_evaluations(cfg, rows)

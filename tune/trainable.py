@@ -1,12 +1,11 @@
 """One Tune trial = one experiment: `fslsage.experiment.run_experiment` with a report per round.
 
-Every `checkpoint_every` rounds the trial reports a Tune checkpoint. On the in-process runtime it
-holds the whole experiment (`fslsage.checkpoint`: plain data, loaded with weights_only), so a
-restored trial (`--resume`, or Tune retrying it: `search.max_failures`) goes on from that round.
-The Ray runtime does not checkpoint to disk yet: its checkpoint holds the rounds reported so far,
-and a restored trial re-runs the experiment from its first round (deterministic for a given
-seed), reporting only the rounds after its checkpoint. Either way no round is reported twice,
-and the sweep's results keep one row per (trial, round) whatever Tune logged.
+Every `checkpoint_every` rounds the trial reports a Tune checkpoint that holds the whole
+experiment (`fslsage.checkpoint`: plain data, loaded with weights_only), so a restored trial
+(`--resume`, or Tune retrying it: `search.max_failures`) goes on from that round. (A runtime that
+could not give its state would re-run from round 1, deterministic for a seed, and report only the
+rounds after its checkpoint.) No round is reported twice, and the sweep's results keep one row
+per (trial, round) whatever Tune logged.
 """
 
 from __future__ import annotations
@@ -82,7 +81,10 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], cluster: dict[str, f
     # (get_trial_dir() is a local working folder Tune does not sync, and a reused actor's)
     write_partition_csv(prepared.histogram, tune.get_context().get_storage().trial_fs_path)
     runtime = make_runtime(prepared)
-    folder = checkpoint_folder(cfg, runtime, trial_dir)  # None: the runtime cannot
+    # the experiment's own files (its checkpoints, which travel in Tune's checkpoints) in a
+    # folder of their own, apart from what the sweep writes into the trial's folder
+    work_dir = trial_dir / "experiment"
+    folder = checkpoint_folder(cfg, runtime, work_dir)  # None: the runtime cannot
     done = restored_round(folder)
     resume = folder is not None and bool(experiment_checkpoint.rounds(folder))
     reported: list[dict[str, Any]] = []
@@ -103,7 +105,7 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], cluster: dict[str, f
             tune.report(row)
 
     try:
-        run_experiment(cfg, runtime, out_dir=None if folder is None else trial_dir,
+        run_experiment(cfg, runtime, out_dir=None if folder is None else work_dir,
                        progress=None, on_round=on_round, resume=resume)  # fmt: skip
     finally:
         runtime.close()
