@@ -191,6 +191,7 @@ def parity(cpu: bool, shared: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+SKIPPED: set[str] = set()  # --skip
 FAST = ("amp=bf16", "channels_last=true")  # issue 19.2: what a GPU run would turn on
 
 
@@ -208,7 +209,11 @@ def paper_round(cpu: bool, shrunk: bool, fast: bool = False) -> dict[str, Any]:
 
 
 def part(report: dict[str, Any], name: str, fn: Callable[[], dict[str, Any]]) -> None:
-    """Runs one part; its dict (ok true unless it says otherwise) or its error goes in `report`."""
+    """Runs one part; its dict (ok true unless it says otherwise) or its error goes in `report`;
+    a part named in --skip is recorded as skipped."""
+    if name in SKIPPED:
+        report[name] = {"skipped": True}
+        return
     start = time.perf_counter()
     try:
         result = fn()
@@ -225,7 +230,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cpu", action="store_true", help="no CUDA: GPU shares 0, device cpu")
     p.add_argument("--shrunk", action="store_true", help="the shrunken benchmark on a GPU too")
+    p.add_argument("--skip", default="", help="comma-separated parts not to run (e.g. to rerun "
+                   "only those that failed)")  # fmt: skip
     args = p.parse_args()
+    SKIPPED.update(s.strip() for s in args.skip.split(",") if s.strip())
     import ray
 
     from actors.common import start_local_ray

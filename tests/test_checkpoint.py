@@ -93,10 +93,10 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
 def test_the_driver_killed_with_sigkill_resumes_where_its_checkpoint_left(tmp_path):
     """`python -m fslsage.run` killed mid-run (SIGKILL: no clean-up at all), then the same
     command with `--resume`: every round once in metrics.parquet, equal to a run never killed."""
-    sets = ["--set", "rounds=12", "--set", "checkpoint_every=3", "--set", "num_clients=4",
+    sets = ["--set", "rounds=8", "--set", "checkpoint_every=2", "--set", "num_clients=4",
             "--set", "align_epochs=2"]  # fmt: skip
     cmd = [sys.executable, "-m", "fslsage.run", "--config", str(ROOT / "configs" / "demo.yaml"),
-           *sets, "--out", str(tmp_path / "killed")]  # fmt: skip
+           *sets, "--out", str(tmp_path / "killed"), "--no-mlflow"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     folder = tmp_path / "killed" / "checkpoints"
@@ -107,12 +107,12 @@ def test_the_driver_killed_with_sigkill_resumes_where_its_checkpoint_left(tmp_pa
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()  # killed mid-run
     done = pd.read_parquet(tmp_path / "killed" / "metrics.parquet")["round"].tolist()
-    assert checkpoint.rounds(folder) and done[-1] < 12
+    assert checkpoint.rounds(folder) and done[-1] < 8
     resumed = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True,
                              timeout=300)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed after round" in resumed.stdout
-    cfg = demo_config(rounds=12, checkpoint_every=3, num_clients=4, align_epochs=2)
+    cfg = demo_config(rounds=8, checkpoint_every=2, num_clients=4, align_epochs=2)
     whole = run(cfg, tmp_path / "whole")
     after = pd.read_parquet(tmp_path / "killed" / "metrics.parquet")
     pd.testing.assert_frame_equal(after[SAME], whole[SAME])
@@ -144,7 +144,7 @@ def test_a_restored_tune_trial_resumes_from_its_experiment_checkpoint(tmp_path, 
     pd.testing.assert_frame_equal(resumed[SAME], whole[SAME])
 
 
-@pytest.mark.parametrize("algorithm", ["fsl_sage", "gas"])
+@pytest.mark.parametrize("algorithm", ["fsl_sage"])  # gas's schedule: in-process tests above
 def test_a_ray_run_resumes_from_its_disk_checkpoint(ray_session, tmp_path, algorithm):
     """The Ray runtime writes its checkpoint (the actors' states, as plain data) to the run's
     folder; a new runtime with fresh actors resumes from it, and its rows equal the

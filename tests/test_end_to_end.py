@@ -34,7 +34,7 @@ def test_gpt2_lora_on_e2e_files(tmp_path, algorithm):
     cfg = demo_config(algorithm=algorithm, model="gpt2", dataset="e2e", data_dir=str(tmp_path),
                       download=False, dataset_args={"seq_len": 96}, model_args=TINY_GPT2,
                       partition="iid", num_clients=2, batch_size=2, rounds=2, align_interval=2,
-                      align_epochs=2)  # fmt: skip
+                      align_epochs=2, first_align_round=1)  # fmt: skip
     runtime = LocalRuntime(prepare(cfg))
     lora_before = {k: v.clone() for k, v in runtime.global_weights["client_model"].items()}
     df = run_experiment(cfg, runtime, progress=None)

@@ -17,7 +17,7 @@ from fslsage.ledger import Ledger
 
 
 def test_the_first_round_aligns_and_its_clients_use_the_aligned_aux_model():
-    cfg = demo_config(algorithm="fsl_sage", align_interval=10, rounds=1)
+    cfg = demo_config(algorithm="fsl_sage", align_interval=10, rounds=1, first_align_round=1)
     runtime = LocalRuntime(prepare(cfg))
     initial = {k: v.clone() for k, v in runtime.clients[0].parts["aux_model"].state_dict().items()}
     outcome = runtime.run_round(1)
