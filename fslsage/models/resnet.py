@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from torch import nn
-from torchvision.models import resnet as tv_resnet
 
 from fslsage.data.base import DatasetInfo
 from fslsage.models.base import MODELS, SplitModel
@@ -40,6 +39,8 @@ def _init_like_torchvision(module: nn.Module) -> nn.Module:
 
 def _stage(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
     """A ResNet stage of BasicBlocks, as torchvision's ``ResNet._make_layer`` builds it."""
+    from torchvision.models import resnet as tv_resnet  # here: its import costs every process 2 s
+
     downsample = None
     if stride != 1 or in_planes != planes:
         downsample = nn.Sequential(
@@ -86,6 +87,8 @@ def resnet18(info: DatasetInfo, aux_variant: str = "layer") -> SplitModel:
     "pooled_linear" (global pool + linear, the reference code's linear aux)."""
     in_channels = require_images("resnet18", info)
     _check_variant(aux_variant)  # before the comparatively slow construction
+    from torchvision.models import resnet as tv_resnet  # here: its import costs every process 2 s
+
     net = tv_resnet.resnet18(num_classes=info.num_classes)
     if in_channels != 3:
         net.conv1 = _init_like_torchvision(
