@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 KIND = "__kind__"  # tags the captured objects that a restore must write into, not replace
+FOLDER = "checkpoints"  # in a run's output folder
 FILE = re.compile(r"^round-(\d{6})\.pt$")
 PLAIN = (bool, int, float, str, type(None))
 
@@ -92,9 +93,7 @@ def restore(target: Any, plain: Any, device: torch.device | str = "cpu", where: 
         elif kind == "ndarray":
             return state.numpy().copy()
         elif kind == "object":
-            for key, value in state.items():
-                setattr(target, key, restore(getattr(target, key, None), value, device,
-                                             f"{where}.{key}"))  # fmt: skip
+            restore_attributes(target, state, device, where)
         return target
     if isinstance(plain, Tensor):
         return plain.to(target.device if isinstance(target, Tensor) else device)
@@ -117,21 +116,32 @@ def restore(target: Any, plain: Any, device: torch.device | str = "cpu", where: 
     return plain
 
 
+def restore_attributes(target: Any, state: dict[str, Any], device: torch.device | str,
+                       where: str = "") -> None:  # fmt: skip
+    """Each captured attribute of `state` restored into the same attribute of `target`."""
+    for key, value in state.items():
+        setattr(target, key, restore(getattr(target, key, None), value, device, f"{where}.{key}"))
+
+
 # ----------------------------------------------------------------------------- files
+def path(folder: Path, t: int) -> Path:
+    """Round t's checkpoint file in `folder`."""
+    return folder / f"round-{t:06d}.pt"
+
+
 def save(folder: Path, t: int, state: dict[str, Any], keep: int = 2) -> Path:
     """Round t's checkpoint, written atomically (a temporary file renamed into place) into
     `folder`; only the newest `keep` stay."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"round-{t:06d}.pt"
-    tmp = folder / f".{path.name}.tmp"
+    final = path(folder, t)
+    tmp = folder / f".{final.name}.tmp"
     with open(tmp, "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
-    for old in rounds(folder)[:-keep]:
-        (folder / f"round-{old:06d}.pt").unlink(missing_ok=True)
-    return path
+    os.replace(tmp, final)
+    remove_all(folder, keep)
+    return final
 
 
 def rounds(folder: Path) -> list[int]:
@@ -141,10 +151,11 @@ def rounds(folder: Path) -> list[int]:
     return sorted(int(m.group(1)) for p in folder.iterdir() if (m := FILE.match(p.name)))
 
 
-def remove_all(folder: Path) -> None:
-    """Deletes the checkpoints in `folder` (checkpoint files only)."""
-    for t in rounds(folder):
-        (folder / f"round-{t:06d}.pt").unlink(missing_ok=True)
+def remove_all(folder: Path, keep: int = 0) -> None:
+    """Deletes the checkpoints in `folder` (checkpoint files only) but the newest `keep`."""
+    done = rounds(folder)
+    for t in done[: len(done) - keep]:
+        path(folder, t).unlink(missing_ok=True)
 
 
 def load(folder: Path) -> dict[str, Any] | None:
@@ -152,7 +163,7 @@ def load(folder: Path) -> dict[str, Any] | None:
     done = rounds(folder)
     if not done:
         return None
-    return torch.load(folder / f"round-{done[-1]:06d}.pt", map_location="cpu", weights_only=True)
+    return torch.load(path(folder, done[-1]), map_location="cpu", weights_only=True)
 
 
 def rng_state() -> dict[str, Any]:

@@ -353,14 +353,12 @@ def checkpoint_folder(cfg: Config, runtime: Runtime, out_dir: str | Path | None)
     runtime that can give its state), else None."""
     if out_dir is None or not cfg.checkpoint_every or not hasattr(runtime, "state_dict"):
         return None
-    return Path(out_dir) / "checkpoints"
+    return Path(out_dir) / checkpoint.FOLDER
 
 
 def resume_from(cfg: Config, runtime: Runtime, folder: Path | None) -> dict[str, Any]:
     """The newest checkpoint in `folder`, its runtime state loaded into `runtime`. A
     checkpoint of other settings is refused: the rounds after it would not be this run's."""
-    from fslsage.config import ConfigError
-
     if folder is None:
         raise ConfigError("--resume", "nothing to resume from: checkpoint_every is 0")
     try:
@@ -414,9 +412,8 @@ def run_experiment(
         saved = resume_from(cfg, runtime, folder)
         rows, ledger, sim_time_s = saved["rows"], Ledger(saved["ledger"]), saved["sim_time_s"]
         start -= saved["wall_s"]
-        first = saved["round"] + 1
-        done = rows[-1]["comm_gib"] >= cfg.comm_budget_gib if rows else False
-        first = cfg.rounds + 1 if done else first
+        spent = bool(rows) and rows[-1]["comm_gib"] >= cfg.comm_budget_gib  # nothing left to run
+        first = cfg.rounds + 1 if spent else saved["round"] + 1
         if progress is not None:
             progress(f"[{cfg.name}] resumed after round {saved['round']} from {folder}")
     for t in range(first, cfg.rounds + 1):
@@ -444,7 +441,8 @@ def run_experiment(
             "wall_s": time.perf_counter() - start,
         }
         if language:  # test_loss is the per-token NLL of the continuations
-            row["test_perplexity"] = math.exp(min(test_loss, 700.0))  # inf beyond float range
+            # capped at e^700: math.exp raises beyond the float range (about e^709)
+            row["test_perplexity"] = math.exp(min(test_loss, 700.0))
         for name in columns:  # NaN in a round that did not log it
             row[name] = outcome.server_metrics.get(name, float("nan"))
         row.update(outcome.peak_gpu_mib)  # peak_gpu_mib* columns: on CUDA only

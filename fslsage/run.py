@@ -176,8 +176,9 @@ def check_resumable(cfg: Config, out: Path) -> None:
     match is checked as it is loaded)."""
     from fslsage import checkpoint
 
-    if not checkpoint.rounds(out / "checkpoints"):
-        raise ConfigError("--resume", f"no checkpoint in {out / 'checkpoints'}")
+    folder = out / checkpoint.FOLDER
+    if not checkpoint.rounds(folder):
+        raise ConfigError("--resume", f"no checkpoint in {folder}")
 
 
 def main(argv: list[str] | None = None) -> int:

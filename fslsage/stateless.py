@@ -142,10 +142,9 @@ class StatelessServer(Server):
         return {k: v for k, v in vars(self).items() if k != "replica"}
 
     def restore_checkpoint(self, plain: dict, device: torch.device | str) -> None:
-        from fslsage.checkpoint import restore
+        from fslsage.checkpoint import restore_attributes
 
-        for key, value in plain.items():
-            setattr(self, key, restore(getattr(self, key, None), value, device, key))
+        restore_attributes(self, plain, device)
         self.replica = None
 
     def on_exchange(self, cid, z, y):

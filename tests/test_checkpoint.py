@@ -18,7 +18,8 @@ from helpers import demo_config
 
 from fslsage import checkpoint
 from fslsage.config import ConfigError
-from fslsage.experiment import LocalRuntime, prepare, run_experiment
+from fslsage.experiment import prepare, run_experiment
+from tune.trainable import make_runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 SAME = ["round", "test_acc", "test_loss", "train_loss", "comm_gib", "sim_time_s"]
@@ -26,7 +27,8 @@ ALGORITHMS = ["fedavg", "sl", "splitfed_v1", "splitfed_v2", "cse_fsl", "fsl_sage
 
 
 def run(cfg, out: Path, resume: bool = False) -> pd.DataFrame:
-    runtime = LocalRuntime(prepare(cfg))
+    """A run on the config's runtime (in-process, or Ray actors), in `out`."""
+    runtime = make_runtime(prepare(cfg))
     try:
         return run_experiment(cfg, runtime, out_dir=out, progress=None, resume=resume)
     finally:
@@ -149,18 +151,9 @@ def test_a_ray_run_resumes_from_its_disk_checkpoint(ray_session, tmp_path, algor
     """The Ray runtime writes its checkpoint (the actors' states, as plain data) to the run's
     folder; a new runtime with fresh actors resumes from it, and its rows equal the
     uninterrupted in-process run's (the runtimes agree with `exact` batching)."""
-    from actors.runtime import RayRuntime
-
-    def on_ray(cfg, out: Path, resume: bool = False) -> pd.DataFrame:
-        runtime = RayRuntime(prepare(cfg))
-        try:
-            return run_experiment(cfg, runtime, out_dir=out, progress=None, resume=resume)
-        finally:
-            runtime.close()
-
     ray_cfg = small(algorithm, runtime="ray", server_batching="exact", num_client_actors=2)
     whole = run(small(algorithm), tmp_path / "whole")
-    on_ray(ray_cfg.replace(rounds=2), tmp_path / "cut")
+    run(ray_cfg.replace(rounds=2), tmp_path / "cut")
     assert checkpoint.rounds(tmp_path / "cut" / "checkpoints") == [2]
-    resumed = on_ray(ray_cfg, tmp_path / "cut", resume=True)
+    resumed = run(ray_cfg, tmp_path / "cut", resume=True)
     pd.testing.assert_frame_equal(resumed[SAME], whole[SAME], atol=1e-6, rtol=0)

@@ -87,19 +87,16 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], cluster: dict[str, f
     folder = checkpoint_folder(cfg, runtime, work_dir)  # None: the runtime cannot
     done = restored_round(folder)
     resume = folder is not None and bool(experiment_checkpoint.rounds(folder))
-    reported: list[dict[str, Any]] = []
 
     def on_round(row: dict[str, Any]) -> None:
-        reported.append(row)
         if row["round"] <= done:  # reported before the interruption (re-run from round 1)
             return
         if cfg.checkpoint_every and row["round"] % cfg.checkpoint_every == 0:
             with tempfile.TemporaryDirectory() as d:
-                state = {"round": row["round"], "rows": reported}
-                (Path(d) / CHECKPOINT_FILE).write_text(json.dumps(state))
+                (Path(d) / CHECKPOINT_FILE).write_text(json.dumps({"round": row["round"]}))
                 if folder is not None:  # the experiment's own, written just before
-                    name = f"round-{row['round']:06d}.pt"
-                    shutil.copy2(folder / name, Path(d) / name)
+                    saved = experiment_checkpoint.path(folder, row["round"])
+                    shutil.copy2(saved, Path(d) / saved.name)
                 tune.report(row, checkpoint=tune.Checkpoint.from_directory(d))
         else:
             tune.report(row)

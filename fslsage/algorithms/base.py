@@ -95,11 +95,11 @@ def round_lr_factor(cfg: Config, t: int) -> float:
 
 
 def set_round_lr(optimizers: Iterable[torch.optim.Optimizer], cfg: Config, t: int) -> None:
-    """Round t's lr in optimizers made by `make_optimizer` (their initial lr is the base)."""
-    factor = round_lr_factor(cfg, t)
+    """Round t's lr, `lr` × the schedule's factor, in optimizers made by `make_optimizer`."""
+    lr = cfg.lr * round_lr_factor(cfg, t)
     for opt in optimizers:
         for group in opt.param_groups:
-            group["lr"] = group.setdefault("base_lr", group["lr"]) * factor
+            group["lr"] = lr
 
 
 def cut_gradient(
