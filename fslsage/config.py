@@ -134,6 +134,9 @@ class Config:
     # the whole experiment to <out>/checkpoints/ every this many rounds (a Ray run also keeps
     # one in the object store to recover lost actors); 0: never
     checkpoint_every: int = 10
+    # also after any round that ends this many minutes after the last checkpoint (paper rounds
+    # can take minutes each); 0: by rounds only. Needs checkpoint_every > 0
+    checkpoint_minutes: float = 5.0
     # the figures' GiB and simulated-time axes: log where the data spans more than two decades
     plot_x_scale: Literal["auto", "log", "linear"] = "auto"
     search: dict = field(default_factory=dict)
@@ -174,7 +177,7 @@ _AT_LEAST_ONE = (
 _NON_NEGATIVE = (
     "weight_decay", "aux_weight_decay", "momentum", "grad_clip", "warmup_rounds", "client_gpus",
     "server_gpus", "max_wait_ms", "checkpoint_every", "num_client_actors", "per_label",
-    "active_clients", "sync_every",
+    "active_clients", "sync_every", "checkpoint_minutes",
 )  # fmt: skip
 
 MAX_ROUNDS = 100_000  # far beyond any paper run; a typo like 10**12 must not plan for ever
