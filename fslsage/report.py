@@ -51,8 +51,8 @@ SUMMARY_COLUMNS = [
 # `seed`) are repetitions of one experiment
 NOT_A_VARIANT = {
     "name", "seed", "data_dir", "download", "device", "runtime", "threads", "deterministic",
-    "checkpoint_every", "checkpoint_minutes", "plot_x_scale", "num_client_actors", "client_cpus", "client_gpus",
-    "server_gpus", "server_accelerator", "gradient_store", "gradient_store_path",
+    "checkpoint_every", "checkpoint_minutes", "plot_x_scale", "num_client_actors", "client_cpus",
+    "client_gpus", "server_gpus", "server_accelerator", "gradient_store", "gradient_store_path",
     "offload_client_state", "eval_batch_size", "max_batch", "max_wait_ms", "dataset",
     "alpha", "algorithm",
 }  # fmt: skip
