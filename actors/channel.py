@@ -49,7 +49,8 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-ANSWERED = ("exchange", "align")  # request kinds the client waits on; uploads are fire-and-forget
+from actors.ordering import ANSWERED
+
 HEADER = struct.Struct("<Q")  # frame length
 log = logging.getLogger(__name__)
 BUFFER_BYTES = 4 << 20  # a client's send buffer, where the system allows that much

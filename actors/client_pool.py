@@ -13,7 +13,6 @@ own."""
 from __future__ import annotations
 
 import itertools
-import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
@@ -22,20 +21,20 @@ from typing import Any
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from actors.channel import ANSWERED, ChannelBroken, ClientChannel
+from actors.channel import ChannelBroken, ClientChannel
 from actors.common import (
     DataBundle,
-    actor_device,
     assigned_resources,
     dumps,
     loads,
     pack,
+    set_up_actor,
     unpack,
 )
+from actors.ordering import ANSWERED
 from fslsage.algorithms.base import Algorithm, ClientReport, State
 from fslsage.checkpoint import rng_state, set_rng_state
 from fslsage.data import BatchStream
-from fslsage.experiment import apply_compute_settings
 from fslsage.ledger import Ledger
 from fslsage.memory import peak_gpu_mib
 from fslsage.precision import autocast
@@ -60,14 +59,12 @@ class ClientActor:
         gpu_fraction: float = 0.0,
         channel: bool = True,
     ):
-        apply_compute_settings(algo.cfg)  # as the in-process runtime: the same sums
         self.algo, self.server = algo, server
-        self.device = actor_device(algo.cfg, gpu_fraction, f"client actor of clients {cids}")
+        self.device = set_up_actor(algo.cfg, gpu_fraction, f"client actor of clients {cids}")
         self.shards = {cid: data.shard(cid, self.device) for cid in cids}
         self.clients = {
             cid: algo.new_client(cid, len(shard), self.device) for cid, shard in self.shards.items()
         }
-        self.crash_at: tuple[int, int] | None = None
         self.held_done: list[tuple[int, int]] = []  # (cid, seq) of "done" markers not sent yet
         self.channel_path: str | None = None  # the same-node channel, if the S-Server offers one
         self.channel_key: bytes | None = None  # and the key its handshake proves both ends know
@@ -101,18 +98,20 @@ class ClientActor:
         states: list[dict[str, State]] = []
         self._prepare_round()
         for cid in cids:
-            if self.crash_at == (t, cid):
-                os._exit(1)  # fault injection for the recovery test: the process dies here
-            send, finish = self._link(epoch, cid)
-            report = run_client_round(self.algo, self.clients[cid], self.shards[cid], t,
-                                      weights, send)  # fmt: skip
-            finish()
+            report = self._run_client(t, epoch, weights, cid)
             if cid == cids[-1]:  # no next client to carry its marker: it goes now
                 self._flush(epoch)
             states.append(_cpu(report.weights))
             report.weights = {}
             reports.append(report)
         return ({"reports": reports, "peak_gpu_mib": peak_gpu_mib(self.device)}, *states)
+
+    def _run_client(self, t: int, epoch: int, weights: dict[str, State], cid: int) -> ClientReport:
+        """Client cid's round t (one unit of work: tests/crashes.py fails an actor here)."""
+        send, finish = self._link(epoch, cid)
+        report = run_client_round(self.algo, self.clients[cid], self.shards[cid], t, weights, send)
+        finish()
+        return report
 
     def run_global_iteration(
         self, t: int, epoch: int, weights: dict[str, State], events: list[tuple[int, str, int]]
@@ -162,7 +161,7 @@ class ClientActor:
     ) -> tuple[list[tuple[int, float | ClientReport]], Ledger]:
         """Client cid's events of a global iteration, in order. Returns (event index, step loss
         or finished report) of those that give one, and the client's ledger. Its last request
-        carries its "done" marker."""
+        carries its "done" marker. (One unit of work: tests/crashes.py fails an actor here.)"""
         # taken once: a thread of an abandoned call that is still finishing its event never
         # touches the client or stream a restore (`load_state`) puts in their place
         client, stream = self.clients[cid], self.streams.get(cid)
@@ -171,8 +170,6 @@ class ClientActor:
         link = RecordingLink(cid, t, ledger, self._link(epoch, cid)[0], expected=steps)
         outcomes: list[tuple[int, float | ClientReport]] = []
         for index, kind in events:
-            if self.crash_at == (t, cid):
-                os._exit(1)  # fault injection for the recovery test: the process dies here
             with autocast(self.algo.cfg, self.device):  # per thread, as autocast's state is
                 out = self.algo.on_event(t, kind, client, stream, weights, link, ledger)
             if out is not None:
@@ -305,12 +302,8 @@ class ClientActor:
             self._open_streams(state["positions"])
 
     def _state(self) -> dict[str, Any]:
-        return {"clients": self.clients, "rng": rng_state(),
-                "positions": {cid: stream.position() for cid, stream in self.streams.items()}}
-
-    def arm_crash(self, t: int, cid: int) -> None:
-        """Test hook: the process exits when it is about to run client `cid` in round t."""
-        self.crash_at = (t, cid)
+        positions = {cid: stream.position() for cid, stream in self.streams.items()}
+        return {"clients": self.clients, "rng": rng_state(), "positions": positions}
 
     def where(self) -> dict[str, Any]:
         """`assigned_resources()`, and whether requests go through the same-node channel."""

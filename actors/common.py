@@ -18,7 +18,7 @@ from fslsage.checkpoint import capture, restore
 from fslsage.config import Config
 from fslsage.data import ClientShard
 from fslsage.data.base import DatasetInfo
-from fslsage.experiment import Prepared
+from fslsage.experiment import Prepared, apply_compute_settings
 
 log = logging.getLogger(__name__)
 RAY_BIND_ENV = "FSLSAGE_RAY_BIND"  # where a locally started Ray listens (default: loopback)
@@ -116,6 +116,13 @@ def cap_cuda_memory(device: torch.device, gpu_fraction: float) -> None:
         torch.cuda.set_per_process_memory_fraction(memory_fraction(gpu_fraction, total), device)
 
 
+def set_up_actor(cfg: Config, gpu_fraction: float, role: str) -> torch.device:
+    """What every actor of a run does first: the run's torch settings (threads, determinism:
+    the same sums as the in-process runtime) and its device (`actor_device`)."""
+    apply_compute_settings(cfg)
+    return actor_device(cfg, gpu_fraction, role)
+
+
 def actor_device(cfg: Config, gpu_fraction: float, role: str) -> torch.device:
     """The device of a process Ray started (an actor, a Tune trial), its memory capped to its
     GPU share (`cap_cuda_memory`). `device: auto` is CUDA only where Ray assigned this process
@@ -201,6 +208,24 @@ def assigned_resources() -> dict[str, Any]:
             "pid": os.getpid(), "cores": sorted(os.sched_getaffinity(0)),
             "threads": torch.get_num_threads(),
             "deterministic": torch.are_deterministic_algorithms_enabled()}  # fmt: skip
+
+
+def connect(address: str | None = None, log_to_driver: bool = True) -> bool:
+    """How the project reaches Ray (a run's runtime, a sweep): joins `address` (or
+    $RAY_ADDRESS; `auto` joins a `ray start` left running here) or starts a local instance
+    sized to the machine, listening on loopback only (`start_local_ray`); an instance this
+    process already runs is reused. `log_to_driver`: the actors' output is printed here too.
+    True when this call started Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, include_dashboard=False, log_to_driver=log_to_driver)
+    else:
+        start_local_ray(include_dashboard=False, log_to_driver=log_to_driver)
+    return True
 
 
 def start_local_ray(**init_kwargs: Any) -> None:

@@ -6,27 +6,26 @@ Per round the F-Server (this driver loop) opens the round on the S-Server, hands
 actor the global weights (one object, put once), gathers the small reports, and has an actor
 task on its aggregator actor average the clients' weights straight from the object store, so
 weights never pass through the driver. A round's calls are all submitted at once and none waits
-on the driver: the S-Server files client requests that overtake the round's opening. Round t + 1
-is submitted before the driver waits for round t (`run_round`): its clients start once round t's
-aggregate exists, the S-Server opens it once round t has ended there, with no driver turn in
-between, and it evaluates round t's aggregate with the server as round t left it — the point
-the in-process runtime evaluates at: its opening of round t + 1 snapshots the server, and the
-evaluation runs a test batch at a time whenever no request is ready, so it stays off round
-t + 1's critical path — while the driver writes round t's metrics. Every
-`checkpoint_every` rounds it checkpoints the clients, the S-Server and the global weights in the
-object store; if an actor dies, Ray restarts it, every role is restored from the checkpoint and
-the rounds since are re-run (deterministic with `exact` batching). An S-Server that Ray
-restarted between rounds, with no call in flight to fail, is caught by the next opening: each
-names the attempt whose end the server's state must follow.
+on the driver: the S-Server files client requests that overtake the round's opening. The driver
+starts round t + 1 (`start_round`) before it reads round t's evaluation: the S-Server evaluates
+round t's aggregate with the server as round t left it — the point the in-process runtime
+evaluates at: its opening of round t + 1 snapshots the server, and the evaluation runs a test
+batch at a time whenever no request is ready, so it stays off round t + 1's critical path —
+while the driver writes round t's metrics. Every `checkpoint_every` rounds it checkpoints the
+clients, the S-Server and the global weights in the object store; if an actor dies, Ray
+restarts it, every role is restored from the checkpoint and the rounds since are re-run
+(deterministic with `exact` batching). An S-Server that Ray restarted between rounds, with no
+call in flight to fail, is caught by the next opening: each names the attempt whose end the
+server's state must follow.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,14 +38,16 @@ from ray.util.placement_group import PlacementGroup, get_current_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.client_pool import ClientActor, owned_clients
-from actors.common import DataBundle, assigned_resources, start_local_ray
+from actors.common import DataBundle, assigned_resources, connect
+from actors.ordering import StateLost
 from actors.replica import ServerReplica
-from actors.s_server import SServer, StateLost
+from actors.s_server import SServer
 from fslsage import checkpoint as plain
 from fslsage.algorithms.base import Algorithm, State, first_round
 from fslsage.config import Config, ConfigError
 from fslsage.experiment import Prepared, RoundOutcome, async_schedule
 from fslsage.memory import peak_gpu_columns, split_peak_columns
+from fslsage.progress import phase_every_s
 
 if TYPE_CHECKING:
     from fslsage.algorithms.gas import AsyncSchedule
@@ -60,17 +61,32 @@ DRAIN_TIMEOUT_S = 60.0  # how long an aborted round's surviving calls get to ret
 RESTART_TIMEOUT_S = 120.0  # how long a restarting actor gets to come back
 PLACEMENT_TIMEOUT_S = 600.0  # how long the actors get to be placed and started
 
-RemoteClientActor = ray.remote(max_restarts=MAX_RESTARTS)(ClientActor)
-RemoteSServer = ray.remote(max_restarts=MAX_RESTARTS)(SServer)
-RemoteReplica = ray.remote(max_restarts=MAX_RESTARTS)(ServerReplica)
+
+@functools.cache
+def remote_class(cls: type) -> Any:
+    """`cls` as a Ray actor class that Ray restarts when its process dies (once per class)."""
+    return ray.remote(max_restarts=MAX_RESTARTS)(cls)
+
+
+RemoteSServer = remote_class(SServer)
+
+
+@dataclass(frozen=True)
+class ActorClasses:
+    """The classes RayRuntime starts its actors from: tests start subclasses that inject faults
+    (tests/crashes.py)."""
+
+    client: type[ClientActor] = ClientActor
+    server: type[SServer] = SServer
+    replica: type[ServerReplica] = ServerReplica
 
 
 class Aggregator:
     """The F-Server's averaging, on a long-lived actor: each round is one actor task that reads
     the clients' weights from the object store, so weights never pass through the driver. A
     per-round plain task would need a warm task worker every round, and Ray reaps an idle one
-    after a second (pipelined rounds overlap two aggregations): starting one again costs seconds.
-    The algorithm is deserialised once, not per round."""
+    after a second: starting one again costs seconds. The algorithm is deserialised once, not
+    per round."""
 
     def __init__(self, algo: Algorithm):
         self.algo = algo
@@ -80,17 +96,15 @@ class Aggregator:
         t: int,
         report_refs: list[ray.ObjectRef],
         weight_refs: list[ray.ObjectRef],
-        after: list[ray.ObjectRef] | None = None,
         order: list[tuple[int, int]] | None = None,
     ) -> dict[str, State]:
         """Called when the round starts, with the references nested (so Ray does not wait for
         them before the call runs). `weight_refs` are in the order the in-process runtime
         averages in: client-id order, or for gas `order`, the (report batch, index in its
-        "reports") of each model in the model buffer. The result is not released before
-        `after` is done."""
-        fetched = ray.get([*report_refs, *weight_refs, *(after or [])])  # one fetch
+        "reports") of each model in the model buffer."""
+        fetched = ray.get([*report_refs, *weight_refs])  # one fetch
         n = len(report_refs)
-        batches, weights = fetched[:n], fetched[n : n + len(weight_refs)]
+        batches, weights = fetched[:n], fetched[n:]
         if order is None:
             reports = sorted((r for b in batches for r in b["reports"]), key=lambda r: r.cid)
         else:  # gas: the model buffer, in the order its clients finished
@@ -103,22 +117,7 @@ class Aggregator:
         return assigned_resources()
 
 
-RemoteAggregator = ray.remote(max_restarts=MAX_RESTARTS)(Aggregator)
-
-
-def connect(address: str | None = None) -> bool:
-    """Joins `address` (or $RAY_ADDRESS) or starts a local instance sized to the machine,
-    listening on loopback only (`start_local_ray`; $RAY_ADDRESS=auto joins one `ray start`
-    left running here); an instance this process already runs is reused. True when this call
-    started Ray."""
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS") or None
-    if address:
-        ray.init(address=address, include_dashboard=False, log_to_driver=True)
-    else:
-        start_local_ray(include_dashboard=False, log_to_driver=True)
-    return True
+RemoteAggregator = remote_class(Aggregator)
 
 
 EPS = 1e-9  # slack in resource arithmetic (Ray itself counts in units of 1e-4)
@@ -404,7 +403,12 @@ class Checkpoint:
 
 
 class RayRuntime:
-    def __init__(self, prepared: Prepared, address: str | None = None):
+    def __init__(
+        self,
+        prepared: Prepared,
+        address: str | None = None,
+        actor_classes: ActorClasses | None = None,
+    ):
         cfg, algo = prepared.cfg, prepared.algorithm
         if cfg.device == "cuda" and (cfg.client_gpus == 0 or cfg.server_gpus == 0):
             key = "client_gpus" if cfg.client_gpus == 0 else "server_gpus"
@@ -423,15 +427,17 @@ class RayRuntime:
         self.algo_ref = ray.put(algo)
         self.data_ref = ray.put(DataBundle.of(prepared))
         self.owned = owned_clients(cfg.num_clients, n)
-        self.server = RemoteSServer.options(
+        self.classes = actor_classes or ActorClasses()  # a test's: actors that inject faults
+        self.server = remote_class(self.classes.server).options(
             num_cpus=server_cpus(cfg),
             num_gpus=cfg.server_gpus,
             accelerator_type=cfg.server_accelerator or None,
             **self._in_bundle("server"),
         ).remote(self.algo_ref, self.data_ref, cfg.server_batching, cfg.max_batch,
                  cfg.max_wait_ms, cfg.server_gpus)  # fmt: skip
+        client_class = remote_class(self.classes.client)
         self.client_actors = [
-            RemoteClientActor.options(
+            client_class.options(
                 num_cpus=cfg.client_cpus,
                 num_gpus=cfg.client_gpus,
                 **self._in_bundle("client", k),
@@ -452,10 +458,7 @@ class RayRuntime:
         self.global_ref = ray.put(algo.for_round(first_round(cfg)).initial_global())
         self.epoch = 0  # round attempts: requests of an abandoned attempt are rejected
         self.server_after = 0  # the attempt whose end the S-Server's state follows (0: initial)
-        self.submitted: list[StartedRound] = []  # rounds submitted and not finished, in order
-        # the last round the F-Server runs: none after it is submitted ahead (the benchmark
-        # lowers it at the end of each of its chunks)
-        self.horizon = cfg.rounds
+        self.started: StartedRound | None = None  # the round submitted and not finished
         self.evaluation: tuple[ray.ObjectRef, tuple[float, float]] | None = None
         self.checkpoint: Checkpoint | None = None
         if cfg.checkpoint_every:
@@ -492,7 +495,8 @@ class RayRuntime:
     def add_replica(self) -> Any:
         """One more stateless S-Server replica (server_mode: stateless), at any time: it takes
         the published weights, and clients use it from their next round."""
-        replica = RemoteReplica.options(
+        replica_class = remote_class(self.classes.replica)
+        replica = replica_class.options(
             num_cpus=0,
             num_gpus=self.cfg.server_gpus,
             **self._in_bundle("replica", len(self.replicas)),
@@ -502,37 +506,19 @@ class RayRuntime:
         return replica
 
     # -- the Runtime interface ------------------------------------------------------------------
-    @property
-    def started(self) -> StartedRound | None:
-        """The oldest round submitted and not finished."""
-        return self.submitted[0] if self.submitted else None
-
     def start_round(self, t: int) -> None:
-        """Submits round t at once, if `run_round(t - 1)` has not already: its clients start as
-        soon as round t − 1's aggregate is in, and the S-Server evaluates round t − 1's global
-        model on a snapshot it takes as it opens round t (before any of round t's requests), so
-        `evaluate` reads that while round t already runs."""
-        if self.started is not None:
-            if self.started.t != t:
-                raise RuntimeError(f"round {self.started.t} is running; cannot start round {t}")
-            return
-        self._submit(t, evaluate_previous=True)
+        """Submits round t at once, after `run_round(t - 1)`: the S-Server evaluates round
+        t − 1's global model on a snapshot it takes as it opens round t (before any of round t's
+        requests), so `evaluate` reads that while round t already runs."""
+        self._started(t, evaluate_previous=True)
 
-    def run_round(self, t: int) -> RoundOutcome:
-        """Finishes round t. Before waiting for it, submits round t + 1 (unless t is at the
-        horizon or a checkpoint round): its calls wait in Ray and on the S-Server for round t's
-        aggregate and end, so no driver turn separates the rounds. A run that stops early (the
-        communication budget) leaves that round unread; `close` discards it."""
-        checkpoint = bool(self.cfg.checkpoint_every) and t % self.cfg.checkpoint_every == 0
-
-        def attempt() -> RoundOutcome:
-            started = self._started(t)
-            # not after a checkpoint round: its checkpoint must see the actors as round t left them
-            if t < self.horizon and not checkpoint and len(self.submitted) == 1:
-                self._submit(t + 1, evaluate_previous=True)
-            return self._finish(started)
-
-        outcome = self._recovering(t, attempt)
+    def run_round(self, t: int, checkpoint: bool | None = None) -> RoundOutcome:
+        """Finishes round t (submitting it first, unless `start_round` has). `checkpoint`: keep
+        the state at round t's end (to recover lost actors from, and for `state_dict`); None:
+        every `checkpoint_every`-th round (run_experiment asks `checkpoint.Cadence`)."""
+        if checkpoint is None:
+            checkpoint = bool(self.cfg.checkpoint_every) and t % self.cfg.checkpoint_every == 0
+        outcome = self._recovering(t, lambda: self._finish(self._started(t)))
         if checkpoint:
             self._checkpoint(t)
         return outcome
@@ -564,25 +550,20 @@ class RayRuntime:
             ray.shutdown()
 
     # -- one round --------------------------------------------------------------------------------
-    def _started(self, t: int) -> StartedRound:
+    def _started(self, t: int, evaluate_previous: bool = False) -> StartedRound:
         """Round t's calls: those submitted already, or submitted now."""
         if self.started is None:
-            self._submit(t)
+            self.started = self._submit(t, evaluate_previous)
         elif self.started.t != t:
             raise RuntimeError(f"round {self.started.t} is running, not round {t}")
-        assert self.started is not None
         return self.started
 
     def _submit(self, t: int, evaluate_previous: bool = False) -> StartedRound:
-        """Every call of round t, none awaited, after the rounds submitted before it: the client
-        actors' first (they are the round's critical path), then the aggregation, the S-Server's
-        opening (with the global model to evaluate, if asked) and its end of round. The round
-        starts from the previous one's aggregate and S-Server state, finished or not."""
-        if self.submitted:
-            last = self.submitted[-1]
-            weights, after = last.new_global, last.epoch
-        else:
-            weights, after = self.global_ref, self.server_after
+        """Every call of round t, none awaited: the client actors' first (they are the round's
+        critical path), then the aggregation, the S-Server's opening (with the global model to
+        evaluate, if asked) and its end of round. The round starts from the last finished
+        round's aggregate and S-Server state."""
+        weights, after = self.global_ref, self.server_after
         self.epoch += 1
         if self.algo.asynchronous:
             calls = self._global_iteration_calls(t, weights)
@@ -590,18 +571,15 @@ class RayRuntime:
             calls = self._round_calls(t, weights)
         previous = weights if evaluate_previous else None
         handover = weights if self.algo.hands_over(t) else None
-        opening = self.server.begin_round.remote(t, self.epoch, calls.cids, after, previous,
-                                                 handover, calls.turns)  # fmt: skip
+        opening = self.server.begin_round.remote(
+            t, self.epoch, calls.cids, after, previous, handover, calls.turns, phase_every_s()
+        )
         end = self.server.end_round.remote(t, self.epoch)
-        # stateless: the next round's requests must meet the weights this round's end publishes
-        after_end = [end] if self.cfg.server_mode == "stateless" else []
         new_global = self.aggregator.aggregate.remote(t, calls.report_refs, calls.weight_refs,
-                                                      after_end, calls.order)  # fmt: skip
+                                                      calls.order)  # fmt: skip
         refs = [*calls.report_refs, *calls.weight_refs, new_global]
-        started = StartedRound(t, self.epoch, calls.report_refs, new_global, end, opening,
-                               previous, refs, calls.sim_seconds)  # fmt: skip
-        self.submitted.append(started)
-        return started
+        return StartedRound(t, self.epoch, calls.report_refs, new_global, end, opening, previous,
+                            refs, calls.sim_seconds)  # fmt: skip
 
     def _round_calls(self, t: int, weights: ray.ObjectRef) -> ClientCalls:
         """A synchronous round, stage by stage (`Algorithm.round_stages`): the clients of a stage
@@ -659,7 +637,7 @@ class RayRuntime:
         batches = _get_promptly(started.report_refs)
         server_metrics, peaks = split_peak_columns(ray.get(started.end))
         peaks.update(peak_gpu_columns(clients=[b["peak_gpu_mib"] for b in batches]))
-        self.submitted.remove(started)
+        self.started = None
         self.global_ref, self.server_after = started.new_global, started.epoch
         if self.algo.asynchronous:  # the summaries of the actors' events
             losses = sorted(pair for summary in batches for pair in summary["losses"])
@@ -727,8 +705,8 @@ class RayRuntime:
         # first the S-Server: it aborts the round, so clients waiting on it return
         _when_up(lambda: ray.get(self.server.load_state.remote(ckpt.server, ckpt.after)))
         self.server_after = ckpt.after
-        inflight = [ref for started in self.submitted for ref in started.refs]
-        self.submitted = []
+        inflight = self.started.refs if self.started is not None else []
+        self.started = None
         if inflight:
             ray.wait(inflight, num_returns=len(inflight), timeout=DRAIN_TIMEOUT_S,
                      fetch_local=False)  # fmt: skip
@@ -737,7 +715,7 @@ class RayRuntime:
         self.global_ref = ckpt.global_weights
         self.schedule = copy.deepcopy(ckpt.schedule)  # the rounds since plan their events again
         for s in range(ckpt.t + 1, t):
-            self._finish(self._submit(s))
+            self._finish(self._started(s))
 
     # -- diagnostics ----------------------------------------------------------------------------
     def placement(self) -> dict[str, Any]:

@@ -158,8 +158,9 @@ def recovery(cpu: bool) -> dict[str, Any]:
         ray.get(actor.arm_crash.remote(2, owned[1] if len(owned) > 1 else owned[0]))
 
     from actors.runtime import RayRuntime
+    from tests.crashes import CRASHING  # the test suite's fault injection
 
-    runtime = RayRuntime(prepare(cfg))
+    runtime = RayRuntime(prepare(cfg), actor_classes=CRASHING)
     try:
         arm(runtime)
         ray_rows = run_experiment(cfg, runtime, progress=None).to_dict("records")

@@ -6,9 +6,8 @@ The runtimes take their rounds in turn, in chunks — rounds 1–2 on Ray, then 
 in-process, then rounds 3–7 on Ray … — so the load of a shared host falls on both alike, and each
 pair of runs gives one paired ratio. Within a chunk the rounds run as the F-Server loop
 (`run_experiment`) drives them: `run_round(t)`, `start_round(t + 1)`, then `evaluate()`, so Ray
-submits round t + 1 before round t ends and overlaps round t's evaluation with it; a chunk's
-last round has no successor (its horizon: 3 of the 14 overlaps of a 15-round run are lost, the
-figure errs against Ray).
+overlaps round t's evaluation with round t + 1; a chunk's last round has no successor (3 of the
+14 overlaps of a 15-round run are lost, the figure errs against Ray).
 Throughput is training samples of all clients per round (for gas: of its schedule's steps),
 times rounds, over the summed round times; Ray's start-up (actor processes, data into the object
 store) is reported apart. The in-process runtime runs with torch's default thread count and
@@ -153,7 +152,6 @@ def paired_run(cfg, threads: int, turns: list[range]) -> tuple[list, list, float
     local_turns, ray_turns = [], []
     try:
         for rounds in turns:
-            ray_runtime.horizon = rounds[-1]  # no round submitted ahead past the turn
             ray_turns.append(timed_rounds(ray_runtime, rounds))
             torch.set_num_threads(threads)
             local_turns.append(timed_rounds(local, rounds))

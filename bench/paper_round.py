@@ -3,7 +3,7 @@
 
 For each algorithm it runs `--rounds` rounds (default 2) on each of: the in-process runtime
 (LocalRuntime), Ray with `server_batching: exact` and Ray with `server_batching: coalesce`, and
-prints seconds per round (run_round + evaluate, each round on its own: Ray submits none ahead;
+prints seconds per round (run_round + evaluate, each round on its own: no next round overlaps;
 Ray's start-up apart), training samples per second of the last round, and peak memory. fsl_sage
 aligns in round 1 (t = 1, then every `align_interval` rounds): round 1 is the warm-up and the
 alignment, round 2 a plain round.
@@ -94,13 +94,10 @@ def vm_hwm_mb(pid: int) -> float | None:
 
 
 def timed_rounds(runtime, rounds: int) -> list[float]:
-    """Seconds of each round on its own: run_round(t), then evaluate(). Ray submits no round
-    ahead (its `horizon` is the round itself), so each figure is one round's work, not part of
-    the next one's overlapped with it."""
+    """Seconds of each round on its own: run_round(t), then evaluate() (no `start_round` of
+    the next: each figure is one round's work, not part of the next one's overlapped with it)."""
     seconds = []
     for t in range(1, rounds + 1):
-        if hasattr(runtime, "horizon"):
-            runtime.horizon = t
         start = time.perf_counter()
         runtime.run_round(t)
         runtime.evaluate()

@@ -1,5 +1,6 @@
 """Durable runs (issue 22): the whole state of an experiment as plain data on disk, written
-atomically every `checkpoint_every` rounds under the run's own folder and read back with
+atomically every `checkpoint_every` rounds, or sooner where rounds are long (`Cadence`), under
+the run's own folder and read back with
 `torch.load(weights_only=True)`, so a checkpoint file can hold tensors, numbers, strings and
 containers of them, and nothing that runs code when loaded.
 
@@ -14,7 +15,9 @@ from __future__ import annotations
 
 import os
 import re
+import time
 import types
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -121,6 +124,30 @@ def restore_attributes(target: Any, state: dict[str, Any], device: torch.device 
     """Each captured attribute of `state` restored into the same attribute of `target`."""
     for key, value in state.items():
         setattr(target, key, restore(getattr(target, key, None), value, device, f"{where}.{key}"))
+
+
+class Cadence:
+    """When a run checkpoints: after every `checkpoint_every`-th round, and after a round that
+    begins `checkpoint_minutes` or more after the last checkpoint (or the run's start), so a
+    crash costs at most that long plus a round however long the rounds are. Never where
+    checkpoint_every is 0. Asked as each round begins, and the runtime told (`run_round(t,
+    checkpoint=...)`): the Ray runtime takes its actors' states as the round ends, before the
+    next round starts on them."""
+
+    def __init__(self, every: int, minutes: float, clock: Callable[[], float] = time.monotonic):
+        self.every, self.seconds, self.clock = every, minutes * 60, clock
+        self.last = clock()
+
+    def due(self, t: int) -> bool:
+        """Whether round t, about to begin, ends with a checkpoint."""
+        if not self.every:
+            return False
+        late = self.seconds > 0 and self.clock() - self.last >= self.seconds
+        return t % self.every == 0 or late
+
+    def saved(self) -> None:
+        """A checkpoint was just taken: the next time-based one is counted from now."""
+        self.last = self.clock()
 
 
 # ----------------------------------------------------------------------------- files

@@ -1,21 +1,26 @@
 """One flat, typed experiment config: YAML file + `--set key=value` overrides, validated up front.
 
-Every CLI loads its config through `load_config`; a bad config raises `ConfigError`, which the
-CLIs print as one line naming the key (exit code 2) before anything starts.
+Each key is declared once, in `Config`, with its type (strict: no bool for an int, no "3" for 3)
+and limits; a rule between keys is a validator beside them. Every CLI loads its config through
+`load_config`; a bad config raises `ConfigError`, which the CLIs print as one line naming the
+key (exit code 2) before anything starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Iterable
+from dataclasses import field, fields
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import Annotated, Any, Literal, get_args, get_type_hints
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
+from pydantic.fields import FieldInfo
+from pydantic.functional_validators import AfterValidator, model_validator
 
 
 class ConfigError(ValueError):
@@ -24,13 +29,55 @@ class ConfigError(ValueError):
     def __init__(self, key: str, message: str):
         self.key = key
         # Always one line: the CLIs print it as the whole error (YAML and torch messages wrap).
-        message = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
-        super().__init__(f"{key}: {message}")
+        self.message = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+        super().__init__(f"{key}: {self.message}")
 
 
-@dataclass
+MAX_ROUNDS = 100_000  # far beyond any paper run; a typo like 10**12 must not plan for ever
+MAX_SEED = 2**32 - 1
+NAME_MAX = 100  # characters of `name`: one folder name, well within any file system's limit
+SEARCH_METRICS = {  # metric: its mode
+    "test_acc": "max", "test_loss": "min", "test_perplexity": "min", "train_loss": "min",
+}  # fmt: skip
+
+_STRICT = ConfigDict(strict=True, allow_inf_nan=False)
+# The limits most numeric keys share. A limit's `description` says why it is what it is and
+# ends the key's error message.
+Positive = Annotated[float, Field(gt=0)]
+NonNegative = Annotated[float, Field(ge=0)]
+AtLeastOne = Annotated[int, Field(ge=1)]
+Count = Annotated[int, Field(ge=0)]  # 0 is a setting of its own ("off", "all"), said at the key
+
+
+def _plain_name(name: str) -> str:
+    """`name` becomes one folder under the results directory (and a sweep replaces it): a plain
+    file name, so no name reaches outside it (`..`, `/`) or fails late in the file system."""
+    plain = (
+        0 < len(name) <= NAME_MAX
+        and name not in (".", "..")
+        and not any(c in name for c in "/\\")
+        and name.isprintable()  # no NUL, newline or other control characters
+    )
+    if not plain:
+        shown = repr(name if len(name) <= 40 else name[:40] + "...")
+        raise ValueError(
+            f"must be a plain folder name (1-{NAME_MAX} printable characters, no '/', '\\' or "
+            f"NUL, not '.' or '..'), got {shown} ({len(name)} characters)"
+        )
+    return name
+
+
+def _not_a_file(path: str) -> str:
+    if path and Path(path).exists() and not Path(path).is_dir():
+        raise ValueError(f"{path} exists and is not a directory")
+    return path
+
+
+@dataclass(config=ConfigDict(**_STRICT, extra="forbid"))
 class Config:
-    name: str = "experiment"
+    """Every key of an experiment; `TypeAdapter(Config).json_schema()` lists their limits."""
+
+    name: Annotated[str, AfterValidator(_plain_name)] = "experiment"
     algorithm: str = "fsl_sage"
     model: str = "digits_cnn"
     model_args: dict = field(default_factory=dict)
@@ -39,76 +86,96 @@ class Config:
     data_dir: str = "data"
     download: bool = True
     partition: str = "dirichlet"
-    alpha: float = 1.0
-    shards_per_client: int = 2
-    num_clients: int = 10
-    rounds: int = 10
-    local_epochs: int = 1
-    batch_size: int = 256
+    alpha: Positive = 1.0
+    shards_per_client: AtLeastOne = 2
+    num_clients: AtLeastOne = 10
+    rounds: Annotated[int, Field(ge=1, le=MAX_ROUNDS)] = 10
+    local_epochs: AtLeastOne = 1
+    batch_size: AtLeastOne = 256
     # the S-Server evaluates one such batch at a time between requests: a request never waits
     # behind more than one
-    eval_batch_size: int = 128
+    eval_batch_size: AtLeastOne = 128
     # adamw: decoupled weight decay (LoRA's E2E setup); adam adds the decay to the gradient
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    momentum: float = 0.9  # sgd's
-    grad_clip: float = 0.0  # the gradient norm of each model clipped to this before a step; 0: off
+    lr: Positive = 1e-3
+    weight_decay: NonNegative = 1e-4
+    momentum: NonNegative = 0.9  # sgd's
+    # the gradient norm of each model clipped to this before a step; 0: off
+    grad_clip: NonNegative = 0.0
     # the client and server models' lr per round: constant, or linear warm-up over
     # `warmup_rounds` then linear decay (lr × min(t / warmup_rounds, (rounds − t + 1) /
     # (rounds − warmup_rounds))); the auxiliary models keep aux_lr
     lr_schedule: Literal["constant", "warmup_linear"] = "constant"
-    warmup_rounds: int = 0
+    warmup_rounds: Count = 0
+
+    @model_validator(mode="after")
+    def _warmup_leaves_a_round(self) -> Config:
+        if self.lr_schedule == "warmup_linear" and self.warmup_rounds >= self.rounds:
+            why = f"must be < rounds={self.rounds} (the decay needs a round)"
+            raise ConfigError("warmup_rounds", f"{why}, got {self.warmup_rounds}")
+        return self
+
     # training losses only (client, server, aux); test_loss stays the plain NLL, so
     # test_perplexity = exp(test_loss)
-    label_smoothing: float = 0.0
-    server_update_interval: int = 5  # q
-    align_interval: int = 10  # l
+    label_smoothing: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    server_update_interval: AtLeastOne = 5  # q
+    align_interval: AtLeastOne = 10  # l
     # the first round fsl_sage aligns in, then every l-th: 1 as the reference (its t = 0); l
     # aligns in rounds l, 2l, ... (clients train their first l − 1 rounds on the initial aux)
-    first_align_round: int = 1
-    align_buffer_size: int = 1000
-    align_epochs: int = 100
-    align_batch_size: int = 1000
+    first_align_round: AtLeastOne = 1
+    align_buffer_size: AtLeastOne = 1000
+    align_epochs: AtLeastOne = 100
+    align_batch_size: AtLeastOne = 1000
     # the auxiliary models' own optimizer (the reference's: Adam 1e-3, no weight decay), for
     # cse_fsl's client-side steps and fsl_sage's alignment alike
     aux_optimizer: Literal["adam", "sgd"] = "adam"
-    aux_lr: float = 1e-3
-    aux_weight_decay: float = 0.0
+    aux_lr: Positive = 1e-3
+    aux_weight_decay: NonNegative = 0.0
     # fsl_sage's alignment targets ∂L/∂z: the server in train mode (the reference: BN over the
     # buffer, running statistics updated) or eval mode (no side effects)
     align_target_mode: Literal["train", "eval"] = "train"
     align_targets: Literal["lazy", "eager"] = "lazy"
     # stateless (sl, splitfed_v2): replicas answer from published weights, a reducer steps
     server_mode: Literal["stateful", "stateless"] = "stateful"
-    server_replicas: int = 2  # runtime ray: replica actors (in-process, one replica serves)
-    sync_every: int = 0  # the reducer steps every this many gradients; 0: once a round
+    server_replicas: AtLeastOne = 2  # runtime ray: replica actors (in-process, one replica serves)
+    sync_every: Count = 0  # the reducer steps every this many gradients; 0: once a round
     gradient_store: Literal["object_store", "files"] = "object_store"
-    gradient_store_path: str = ""  # files: a directory every node sees; "": a temporary one
+    # files: a directory every node sees; "": a temporary one
+    gradient_store_path: Annotated[str, AfterValidator(_not_a_file)] = ""
     warm_start: bool = False  # aux algorithms: round 0 is one round of cse_fsl
     # gas (asynchronous): a round is one global iteration
-    local_iters: int = 20  # a client's steps before it uploads its model
-    model_buffer: int = 10  # uploaded models averaged into one global iteration
-    activation_buffer: int = 10  # batches the S-Server collects before its step
-    per_label: int = 0  # real + generated activations per label in a server step; 0: batch_size
-    active_clients: int = 0  # clients training at once; 0: all
+    local_iters: AtLeastOne = 20  # a client's steps before it uploads its model
+    model_buffer: AtLeastOne = 10  # uploaded models averaged into one global iteration
+    activation_buffer: AtLeastOne = 10  # batches the S-Server collects before its step
+    per_label: Count = 0  # real + generated activations per label in a server step; 0: batch_size
+    active_clients: Count = 0  # clients training at once; 0: all
+
+    @model_validator(mode="after")
+    def _active_among_clients(self) -> Config:
+        if self.active_clients > self.num_clients:
+            why = f"at most num_clients={self.num_clients} can train at once"
+            raise ConfigError("active_clients", f"{why}, got {self.active_clients}")
+        return self
+
     # label-wise Gaussians: full covariance, its diagonal, or auto (diag above 1024 features)
     activation_covariance: Literal["auto", "full", "diag"] = "auto"
     # each activation's weight in them: its client's progress count (the authors' code: newer
     # activations weigh more) or 1 (plain count-weighted moments)
     activation_weighting: Literal["progress", "count"] = "progress"
     server_lr_decay: bool = False  # server lr η₀/√t in global iteration t
-    comm_budget_gib: float = 200.0
+    comm_budget_gib: Positive = 200.0
     # client profiles (SPEC §6): a name in fslsage.simulation.PROFILES, or auto (see below)
     network: str = "auto"
     network_args: dict = field(default_factory=dict)
-    server_gflops: float = 10000.0  # the S-Server's FLOP/s in the simulated clock, in GFLOP/s
-    target_acc: float = 0.8
-    seed: int = 0
+    server_gflops: Positive = 10000.0  # the S-Server's FLOP/s in the simulated clock, in GFLOP/s
+    target_acc: Annotated[float, Field(ge=0, le=1)] = 0.8
+    seed: Annotated[
+        int, Field(ge=0, le=MAX_SEED, description="numpy's legacy seeding takes 2**32 - 1 at most")
+    ] = 0
     # torch intra-op threads of every process that computes: the in-process runtime, each
     # client actor, the S-Server and its replicas. One count for both runtimes, because the
     # thread count changes how reductions are summed, so the runtimes agree only with the same
-    threads: int = 1
+    threads: AtLeastOne = 1
     # on a GPU: deterministic cuDNN/cuBLAS kernels and no TF32 in every process that computes,
     # so the runtimes agree there as they do on the CPU; off: cuDNN picks its fastest kernels
     deterministic: bool = False
@@ -118,14 +185,16 @@ class Config:
     channels_last: bool = False
     runtime: Literal["local", "ray"] = "local"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    client_gpus: float = 0.0
-    server_gpus: float = 0.0
-    client_cpus: float = 1.0  # per client actor (runtime: ray)
-    num_client_actors: int = 0  # 0: as many as the cluster's CPUs (and GPUs) hold
+    client_gpus: Annotated[
+        float, Field(ge=0, le=1, description="a client actor gets at most 1 GPU")
+    ] = 0.0
+    server_gpus: NonNegative = 0.0
+    client_cpus: Positive = 1.0  # per client actor (runtime: ray)
+    num_client_actors: Count = 0  # 0: as many as the cluster's CPUs (and GPUs) hold
     server_accelerator: str = ""  # Ray accelerator type the S-Server asks for, e.g. "A100"
     server_batching: Literal["exact", "coalesce"] = "exact"
-    max_batch: int = 8
-    max_wait_ms: float = 5.0
+    max_batch: AtLeastOne = 8
+    max_wait_ms: NonNegative = 5.0
     # the S-Server's per-client state (fsl_sage's aux models, their optimizers and alignment
     # buffers; splitfed_v1's server copies) on its device only while that client is served, on
     # the CPU otherwise: auto = where the S-Server computes on CUDA (not on/off: YAML reads
@@ -133,13 +202,42 @@ class Config:
     offload_client_state: Literal["auto", "always", "never"] = "auto"
     # the whole experiment to <out>/checkpoints/ every this many rounds (a Ray run also keeps
     # one in the object store to recover lost actors); 0: never
-    checkpoint_every: int = 10
+    checkpoint_every: Count = 10
     # also after any round that ends this many minutes after the last checkpoint (paper rounds
     # can take minutes each); 0: by rounds only. Needs checkpoint_every > 0
-    checkpoint_minutes: float = 5.0
+    checkpoint_minutes: NonNegative = 5.0
     # the figures' GiB and simulated-time axes: log where the data spans more than two decades
     plot_x_scale: Literal["auto", "log", "linear"] = "auto"
+    # a sweep: SearchOptions, and config keys each with the values its trials take
     search: dict = field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_search(self) -> Config:
+        """`search` holds SearchOptions and config keys, each mapped to a list (a grid) or
+        {sampler: args}. Every value a trial can get passes the checks of its key, set alone."""
+        try:
+            options = SearchOptions.model_validate(self.search)
+        except ValidationError as e:
+            raise _first_problem(e, SearchOptions, prefix="search.") from None
+        for key, spec in self.search.items():
+            where = f"search.{key}"
+            if key in SEARCH_OPTIONS:
+                continue
+            if key not in FIELDS or key == "search":
+                searchable = [k for k in FIELDS if k != "search"] + list(SEARCH_OPTIONS)
+                raise ConfigError(where, _unknown_key_message(str(key), searchable))
+            for value in _sampled(where, key, spec):
+                try:
+                    dataclasses.replace(self, search={}, **{key: value})
+                except ValidationError as e:
+                    problem = _first_problem(e, Config)  # or a rule it breaks, on another key
+                    message = problem.message if problem.key == key else str(problem)
+                    raise ConfigError(where, message) from None
+        budget, grace = max_budget_gib(self), options.grace_gib
+        if grace is not None and grace >= budget:
+            why = f"must be < comm_budget_gib={budget} (ASHA's max_t, the most a trial gets)"
+            raise ConfigError("search.grace_gib", f"{why}, got {grace}")
+        return self
 
     @property
     def network_profile(self) -> str:
@@ -163,124 +261,161 @@ class Config:
 
 
 FIELDS = {f.name: f for f in fields(Config)}
-_TYPES = get_type_hints(Config)
-FIELD_TYPES = _TYPES  # key → annotated type, for the sweep's search-space translation
-
-# Range rules for numeric keys, checked after types.
-_POSITIVE = ("alpha", "lr", "aux_lr", "comm_budget_gib", "client_cpus", "server_gflops")
-_AT_LEAST_ONE = (
-    "num_clients", "rounds", "local_epochs", "batch_size", "eval_batch_size", "shards_per_client",
-    "server_update_interval", "align_interval", "align_buffer_size", "align_epochs",
-    "align_batch_size", "first_align_round", "max_batch", "local_iters", "model_buffer",
-    "activation_buffer", "server_replicas", "threads",
-)  # fmt: skip
-_NON_NEGATIVE = (
-    "weight_decay", "aux_weight_decay", "momentum", "grad_clip", "warmup_rounds", "client_gpus",
-    "server_gpus", "max_wait_ms", "checkpoint_every", "num_client_actors", "per_label",
-    "active_clients", "sync_every", "checkpoint_minutes",
-)  # fmt: skip
-
-MAX_ROUNDS = 100_000  # far beyond any paper run; a typo like 10**12 must not plan for ever
-MAX_SEED = 2**32 - 1  # numpy's legacy seeding takes no more
-NAME_MAX = 100  # characters of `name`: one folder name, well within any file system's limit
-
-SEARCH_SAMPLERS = ("grid", "choice", "uniform", "loguniform", "randint")
-SEARCH_OPTIONS = (
-    "num_samples", "scheduler", "metric", "mode", "grace_gib", "reduction_factor",
-    "max_concurrent", "max_failures",
-)  # fmt: skip
-SEARCH_SCHEDULERS = ("fifo", "asha")
-SEARCH_METRICS = {  # metric: its mode
-    "test_acc": "max", "test_loss": "min", "test_perplexity": "min", "train_loss": "min",
-}  # fmt: skip
+FIELD_TYPES = get_type_hints(Config)  # key → its type, for the sweep's search-space translation
 
 
-def _type_name(tp: Any) -> str:
-    if get_origin(tp) is Literal:
-        return " | ".join(repr(a) for a in get_args(tp))
-    return getattr(tp, "__name__", str(tp))
+class SearchOptions(BaseModel):
+    """The sweep's own options in `search`, beside the keys it varies."""
+
+    model_config = ConfigDict(**_STRICT, extra="ignore")  # the rest of `search`: config keys
+
+    num_samples: AtLeastOne = 1
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    metric: Literal[tuple(SEARCH_METRICS)] = "test_acc"
+    mode: Literal["max", "min", None] = None  # None: the metric's (SEARCH_METRICS)
+    # asha's: GiB before a first cut, below the largest comm_budget_gib (Config checks). GiB
+    # per round differ by orders of magnitude between models: no useful default exists
+    grace_gib: Annotated[float | None, Field(gt=0)] = None
+    reduction_factor: Annotated[float, Field(gt=1)] = 4.0  # asha's
+    max_concurrent: Annotated[int, Field(ge=0, description="0: as resources allow")] = 0
+    max_failures: Annotated[int, Field(ge=0, description="retries of a failed trial")] = 0
+
+    @model_validator(mode="after")
+    def _asha_options(self) -> SearchOptions:
+        if self.scheduler == "asha" and self.grace_gib is None:
+            why = "scheduler asha needs grace_gib (GiB before a first cut)"
+            raise ConfigError("search.grace_gib", why)
+        for key in ("grace_gib", "reduction_factor"):
+            if self.scheduler != "asha" and key in self.model_fields_set:
+                raise ConfigError(f"search.{key}", "only goes with scheduler: asha")
+        return self
 
 
-def _check_type(key: str, value: Any) -> Any:
-    """Return the value coerced where lossless (int → float), else raise ConfigError."""
-    tp = _TYPES[key]
-    if get_origin(tp) is Literal:
-        allowed = get_args(tp)
-        if value not in allowed:
-            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(key, f"got {value!r}{hint}; allowed: {_type_name(tp)}")
-        return value
-    ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
-        str: isinstance(value, str),
-        dict: isinstance(value, dict),
-    }[tp]
-    if not ok:
-        raise ConfigError(key, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
-    if tp is float:
-        value = float(value)
-        if not math.isfinite(value):
-            raise ConfigError(key, f"must be finite, got {value!r}")
-    return value
+SEARCH_OPTIONS = tuple(SearchOptions.model_fields)
 
 
-def _check_range(cfg: Config) -> None:
-    for key in _POSITIVE:
-        if getattr(cfg, key) <= 0:
-            raise ConfigError(key, f"must be > 0, got {getattr(cfg, key)!r}")
-    for key in _AT_LEAST_ONE:
-        if getattr(cfg, key) < 1:
-            raise ConfigError(key, f"must be >= 1, got {getattr(cfg, key)!r}")
-    for key in _NON_NEGATIVE:
-        if getattr(cfg, key) < 0:
-            raise ConfigError(key, f"must be >= 0, got {getattr(cfg, key)!r}")
-    if not 0.0 <= cfg.target_acc <= 1.0:
-        raise ConfigError("target_acc", f"must be in [0, 1], got {cfg.target_acc!r}")
-    if not 0.0 <= cfg.label_smoothing < 1.0:
-        raise ConfigError("label_smoothing", f"must be in [0, 1), got {cfg.label_smoothing!r}")
-    if cfg.lr_schedule == "warmup_linear" and cfg.warmup_rounds >= cfg.rounds:
-        raise ConfigError(
-            "warmup_rounds",
-            f"must be < rounds={cfg.rounds} (the decay needs a round), got {cfg.warmup_rounds}",
-        )
-    if cfg.client_gpus > 1:
-        raise ConfigError(
-            "client_gpus", f"a client actor gets at most 1 GPU, got {cfg.client_gpus}"
-        )
-    if cfg.active_clients > cfg.num_clients:
-        raise ConfigError(
-            "active_clients",
-            f"at most num_clients={cfg.num_clients} can train at once, got {cfg.active_clients}",
-        )
-    if cfg.rounds > MAX_ROUNDS:
-        raise ConfigError("rounds", f"must be <= {MAX_ROUNDS:,}, got {cfg.rounds:,}")
-    if not 0 <= cfg.seed <= MAX_SEED:
-        raise ConfigError("seed", f"must be in [0, 2**32 - 1], got {cfg.seed}")
-    _check_name(cfg.name)
-    store = cfg.gradient_store_path
-    if store and Path(store).exists() and not Path(store).is_dir():
-        raise ConfigError("gradient_store_path", f"{store} exists and is not a directory")
+def _ordered(bounds: list[float]) -> list[float]:
+    if not bounds[0] < bounds[1]:
+        raise ValueError("needs low < high")
+    return bounds
 
 
-def _check_name(name: str) -> None:
-    """`name` becomes one folder under the results directory (and a sweep replaces it): a plain
-    file name, so no name reaches outside it (`..`, `/`) or fails late in the file system."""
-    plain = (
-        0 < len(name) <= NAME_MAX
-        and name not in (".", "..")
-        and not any(c in name for c in "/\\")
-        and name.isprintable()  # no NUL, newline or other control characters
-    )
-    if not plain:
-        shown = repr(name if len(name) <= 40 else name[:40] + "...")
-        raise ConfigError(
-            "name",
-            f"must be a plain folder name (1-{NAME_MAX} printable characters, no '/', '\\' or "
-            f"NUL, not '.' or '..'), got {shown} ({len(name)} characters)",
-        )
+def _bounds(number: Any) -> TypeAdapter:
+    pair = Annotated[list[number], Field(min_length=2, max_length=2), AfterValidator(_ordered)]
+    return TypeAdapter(pair, config=_STRICT)
+
+
+_VALUES = TypeAdapter(Annotated[list, Field(min_length=1)], config=_STRICT)
+_DISCRETE = ("grid", "choice")  # the key's own values; the others draw between bounds
+SEARCH_SAMPLERS = {  # Tune's samplers: what each takes
+    "grid": ("a non-empty list of values", _VALUES),
+    "choice": ("a non-empty list of values", _VALUES),
+    "uniform": ("[low, high] numbers", _bounds(float)),
+    "loguniform": ("[low, high] numbers, 0 < low", _bounds(Positive)),
+    "randint": ("[low, high] numbers", _bounds(float)),
+}
+
+
+def _sampled(where: str, key: str, spec: Any) -> list:
+    """The values of the key a search entry names (a grid's or choice's, or a range's bounds),
+    or a ConfigError on `where` if the entry is not `[values]` or `{sampler: args}`."""
+    if isinstance(spec, list):
+        sampler, args = "grid", spec
+    elif isinstance(spec, dict) and len(spec) == 1:
+        ((sampler, args),) = spec.items()
+    else:
+        raise ConfigError(where, f"expected a list of values or {{sampler: args}}, got {spec!r}")
+    if sampler not in SEARCH_SAMPLERS:
+        hint = _did_you_mean(sampler, SEARCH_SAMPLERS)
+        allowed = ", ".join(SEARCH_SAMPLERS)
+        raise ConfigError(where, f"unknown sampler {sampler!r}{hint}; allowed: {allowed}")
+    if sampler not in _DISCRETE and FIELD_TYPES[key] not in (int, float):
+        raise ConfigError(where, f"{sampler} needs a numeric key (int or float), {key} is not")
+    takes, check = SEARCH_SAMPLERS[sampler]
+    try:
+        check.validate_python(args)
+    except ValidationError as e:
+        error = e.errors()[0].get("ctx", {}).get("error")  # low >= high
+        raise ConfigError(where, f"{sampler} {error or 'takes ' + takes}, got {args!r}") from None
+    return args
+
+
+def search_choices(spec: Any) -> list:
+    """The discrete values a search entry can take (a list, {grid: [...]} or {choice: [...]}),
+    else [] (a continuous sampler, or no entry)."""
+    if isinstance(spec, list):
+        return spec
+    if isinstance(spec, dict) and len(spec) == 1:
+        ((sampler, values),) = spec.items()
+        if sampler in _DISCRETE and isinstance(values, list):
+            return values
+    return []
+
+
+def max_budget_gib(cfg: Config) -> float:
+    """The largest communication budget any trial of the sweep can get (ASHA's max_t)."""
+    spec = cfg.search.get("comm_budget_gib")
+    values = search_choices(spec)
+    if isinstance(spec, dict) and not values:  # uniform/loguniform/randint: the upper bound
+        values = [next(iter(spec.values()))[1]]
+    return float(max([cfg.comm_budget_gib, *values]))
+
+
+# -------------------------------------------------------- a pydantic problem as a ConfigError
+_LIMITS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+
+
+def _shown(value: Any) -> str:
+    return f"{value:,}" if type(value) is int else repr(value)
+
+
+def _limits(info: FieldInfo) -> str:
+    """A numeric key's declared limits in words: `>= 1`, `in [0, 1)`; "" for none."""
+    bound = {op: getattr(m, op) for m in info.metadata for op in _LIMITS if hasattr(m, op)}
+    low = [op for op in ("gt", "ge") if op in bound]
+    high = [op for op in ("lt", "le") if op in bound]
+    if low and high:
+        left, right = "[" if "ge" in bound else "(", "]" if "le" in bound else ")"
+        return f"in {left}{_shown(bound[low[0]])}, {_shown(bound[high[0]])}{right}"
+    return " and ".join(f"{_LIMITS[op]} {_shown(bound[op])}" for op in low + high)
+
+
+def _did_you_mean(value: Any, allowed: Any) -> str:
+    close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _unknown_key_message(key: str, names: Iterable[str] = FIELDS) -> str:
+    names = list(names)
+    return f"unknown key{_did_you_mean(key, names)}; allowed: {', '.join(names)}"
+
+
+def _first_problem(e: ValidationError, model: Any, prefix: str = "") -> ConfigError:
+    """The ConfigError of a ValidationError's first problem (an unknown key before the rest: a
+    misspelt key likelier explains them), worded from the key's declaration."""
+    problem = min(e.errors(), key=lambda p: p["type"] != "unexpected_keyword_argument")
+    kind, value, ctx = problem["type"], problem["input"], problem.get("ctx", {})
+    error = ctx.get("error")
+    if isinstance(error, ConfigError):  # a rule between keys names its own key
+        return error
+    name = str(problem["loc"][0])
+    key = prefix + name
+    if kind == "unexpected_keyword_argument":
+        return ConfigError(key, _unknown_key_message(name))
+    info = model.__pydantic_fields__[name]
+    if kind == "literal_error":
+        allowed = get_args(info.annotation)
+        shown = " | ".join(repr(a) for a in allowed)
+        return ConfigError(key, f"got {value!r}{_did_you_mean(value, allowed)}; allowed: {shown}")
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        why = f" ({info.description})" if info.description else ""
+        return ConfigError(key, f"must be {_limits(info)}{why}, got {_shown(value)}")
+    if kind == "finite_number":
+        return ConfigError(key, f"must be finite, got {value!r}")
+    if kind.endswith("_type"):  # int_type, string_type, ...
+        expected = kind.removesuffix("_type").replace("string", "str")
+        return ConfigError(key, f"expected {expected}, got {type(value).__name__} {value!r}")
+    return ConfigError(key, str(error) if error else problem["msg"])
 
 
 def _check_registries(cfg: Config) -> None:
@@ -384,154 +519,14 @@ def _require_algorithms(
         raise ConfigError(key, f"{why} ({names}); {lacking[0]} cannot")
 
 
-def search_choices(spec: Any) -> list:
-    """The discrete values a search entry can take (a list, {grid: [...]} or {choice: [...]}),
-    else [] (a continuous sampler, or no entry)."""
-    if isinstance(spec, list):
-        return spec
-    if isinstance(spec, dict) and len(spec) == 1:
-        ((sampler, values),) = spec.items()
-        if sampler in ("grid", "choice") and isinstance(values, list):
-            return values
-    return []
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def max_budget_gib(cfg: Config) -> float:
-    """The largest communication budget any trial of the sweep can get (ASHA's max_t)."""
-    spec = cfg.search.get("comm_budget_gib")
-    values = search_choices(spec)
-    if isinstance(spec, dict) and not values:  # uniform/loguniform/randint: the upper bound
-        values = [next(iter(spec.values()))[1]]
-    return float(max([cfg.comm_budget_gib, *values]))
-
-
-def _check_search_options(cfg: Config) -> None:
-    """The sweep's own options in `search` (how many samples, which scheduler, ...): checked here
-    so a bad one is a one-line config error before Ray starts, not a Tune traceback."""
-    search = cfg.search
-    n = search.get("num_samples", 1)
-    if not _is_int(n) or n < 1:
-        raise ConfigError("search.num_samples", f"must be an int >= 1, got {n!r}")
-    n = search.get("max_failures", 0)
-    if not _is_int(n) or n < 0:
-        raise ConfigError(
-            "search.max_failures", f"must be an int >= 0 (retries of a failed trial), got {n!r}"
-        )
-    n = search.get("max_concurrent", 0)
-    if not _is_int(n) or n < 0:
-        raise ConfigError(
-            "search.max_concurrent", f"must be an int >= 0 (0: as resources allow), got {n!r}"
-        )
-    scheduler = search.get("scheduler", "fifo")
-    if scheduler not in SEARCH_SCHEDULERS:
-        raise ConfigError(
-            "search.scheduler", f"got {scheduler!r}; allowed: {', '.join(SEARCH_SCHEDULERS)}"
-        )
-    metric = search.get("metric", "test_acc")
-    if metric not in SEARCH_METRICS:
-        raise ConfigError("search.metric", f"got {metric!r}; allowed: {', '.join(SEARCH_METRICS)}")
-    mode = search.get("mode", SEARCH_METRICS[metric])
-    if mode not in ("max", "min"):
-        raise ConfigError("search.mode", f"got {mode!r}; allowed: 'max', 'min'")
-    rf = search.get("reduction_factor", 4)
-    if not _is_number(rf) or not rf > 1:
-        raise ConfigError("search.reduction_factor", f"must be a number > 1, got {rf!r}")
-    grace = search.get("grace_gib")
-    if scheduler == "asha":
-        # GiB per round differ by orders of magnitude between models: no useful default exists.
-        if grace is None:
-            raise ConfigError(
-                "search.grace_gib", "scheduler asha needs grace_gib (GiB before a first cut)"
-            )
-        budget = max_budget_gib(cfg)
-        if not _is_number(grace) or not 0 < grace < budget:
-            raise ConfigError(
-                "search.grace_gib",
-                f"must be a number in (0, comm_budget_gib={budget}), got {grace!r}",
-            )
-    else:
-        for key in ("grace_gib", "reduction_factor"):
-            if key in search:
-                raise ConfigError(f"search.{key}", "only goes with scheduler: asha")
-
-
-def _check_search(cfg: Config) -> None:
-    """`search` maps config keys to a list (grid) or {sampler: args}; plus a few Tune options.
-    Every value a trial could get must pass the same type and range checks as the key itself."""
-    for key, spec in cfg.search.items():
-        where = f"search.{key}"
-        if key in SEARCH_OPTIONS:
-            continue
-        if key not in FIELDS or key == "search":
-            raise ConfigError(where, _unknown_key_message(key, extra=SEARCH_OPTIONS))
-        if isinstance(spec, list):
-            values = spec
-        elif isinstance(spec, dict) and len(spec) == 1:
-            sampler, values = next(iter(spec.items()))
-            if sampler not in SEARCH_SAMPLERS:
-                close = difflib.get_close_matches(str(sampler), SEARCH_SAMPLERS, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise ConfigError(
-                    where,
-                    f"unknown sampler {sampler!r}{hint}; allowed: {', '.join(SEARCH_SAMPLERS)}",
-                )
-            if sampler in ("uniform", "loguniform", "randint"):
-                if _TYPES[key] not in (int, float):
-                    raise ConfigError(
-                        where, f"{sampler} needs a numeric key, {key} is {_type_name(_TYPES[key])}"
-                    )
-                numeric = all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool)
-                    for v in (values if isinstance(values, list) else [])
-                )
-                if not (isinstance(values, list) and len(values) == 2 and numeric):
-                    raise ConfigError(where, f"{sampler} takes [low, high] numbers, got {values!r}")
-                if values[0] >= values[1]:
-                    raise ConfigError(where, f"{sampler} needs low < high, got {values!r}")
-                if sampler == "loguniform" and values[0] <= 0:
-                    raise ConfigError(where, f"loguniform needs 0 < low, got {values!r}")
-        else:
-            raise ConfigError(
-                where, f"expected a list of values or {{sampler: args}}, got {spec!r}"
-            )
-        if not isinstance(values, list) or not values:
-            raise ConfigError(where, f"expected a non-empty list, got {values!r}")
-        for v in values:
-            try:
-                value = _check_type(key, v)
-                _check_range(dataclasses.replace(cfg, **{key: value}))
-            except ConfigError as e:
-                raise ConfigError(where, str(e).split(": ", 1)[1]) from None
-    _check_search_options(cfg)
-
-
-def _unknown_key_message(key: str, extra: tuple[str, ...] = ()) -> str:
-    names = list(FIELDS) + list(extra)
-    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return f"unknown key{hint}; allowed: {', '.join(names)}"
-
-
 def validate(raw: dict[str, Any], check_registries: bool = True) -> Config:
     """Build a Config from a plain dict, or raise ConfigError naming the first bad key."""
     if not isinstance(raw, dict):
         raise ConfigError("<config>", f"expected a mapping of keys, got {type(raw).__name__}")
-    values = {}
-    for key, value in raw.items():
-        if key not in FIELDS:
-            raise ConfigError(str(key), _unknown_key_message(str(key)))
-        values[key] = _check_type(key, value)
-    cfg = Config(**values)
-    _check_range(cfg)
-    _check_search(cfg)
+    try:
+        cfg = Config(**{str(k): v for k, v in raw.items()})  # a YAML key may be a number
+    except ValidationError as e:
+        raise _first_problem(e, Config) from None
     if check_registries:
         _check_registries(cfg)
     return cfg

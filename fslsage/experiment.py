@@ -210,11 +210,13 @@ class RoundOutcome:
 
 class Runtime(Protocol):
     """Runs rounds. `start_round(t)` may begin round t while the driver still reads round t − 1
-    (its evaluation); `run_round(t)` finishes round t (starting it if need be); `evaluate()`
-    answers for the global model after the last finished round, even while the next one runs."""
+    (its evaluation); `run_round(t)` finishes round t (starting it if need be; `checkpoint`:
+    the driver checkpoints round t, and a runtime with `state_dict` answers with the state at
+    its end); `evaluate()` answers for the global model after the last finished round, even
+    while the next one runs."""
 
     def start_round(self, t: int) -> None: ...
-    def run_round(self, t: int) -> RoundOutcome: ...
+    def run_round(self, t: int, checkpoint: bool = False) -> RoundOutcome: ...
     def evaluate(self) -> tuple[float, float]: ...
     def close(self) -> None: ...
 
@@ -265,7 +267,9 @@ class LocalRuntime:
     def start_round(self, t: int) -> None:
         """Nothing to overlap in one process: round t runs in `run_round`."""
 
-    def run_round(self, t: int) -> RoundOutcome:
+    def run_round(self, t: int, checkpoint: bool = False) -> RoundOutcome:
+        """Round t; its end state is what `state_dict` reads until the next round, whether
+        `checkpoint` or not (in one process nothing else holds state)."""
         if self.server is not None:
             self.server.begin_round(t)
         if self.algo.asynchronous:
@@ -340,7 +344,7 @@ def progress_line(cfg: Config, rows: list[dict]) -> str:
     )
 
 
-def _phase_printer(cfg: Config, t: int, progress: Callable[[str], None] | None
+def phase_printer(cfg: Config, t: int, progress: Callable[[str], None] | None
                    ) -> Callable[[str], None] | None:  # fmt: skip
     """Where a long phase of round t stands (`fslsage.progress.report_phase`), as a line."""
     if progress is None:
@@ -396,8 +400,9 @@ def run_experiment(
     started before this one's evaluation is read, so a runtime that can overlaps them.
     `sim_time_s` is the simulated wall-clock of SPEC §6 (`fslsage.simulation`).
 
-    Every `checkpoint_every` rounds the whole experiment goes to OUT/checkpoints/ (a runtime
-    with `state_dict`); `resume` goes on from the newest there, and its rows equal an
+    Every `checkpoint_every` rounds, and after a round begun `checkpoint_minutes` after the
+    last checkpoint (`checkpoint.Cadence`), the whole experiment goes to OUT/checkpoints/ (a
+    runtime with `state_dict`); `resume` goes on from the newest there, and its rows equal an
     uninterrupted run's."""
     ledger = Ledger()
     clock = planned_clock(cfg)
@@ -407,6 +412,7 @@ def run_experiment(
     sim_time_s = 0.0
     start = time.perf_counter()
     folder = checkpoint_folder(cfg, runtime, out_dir)
+    cadence = checkpoint.Cadence(cfg.checkpoint_every, cfg.checkpoint_minutes)
     first = first_round(cfg)
     if resume:
         saved = resume_from(cfg, runtime, folder)
@@ -417,8 +423,9 @@ def run_experiment(
         if progress is not None:
             progress(f"[{cfg.name}] resumed after round {saved['round']} from {folder}")
     for t in range(first, cfg.rounds + 1):
-        with phases_reported(_phase_printer(cfg, t, progress)):  # e.g. a long alignment
-            outcome = runtime.run_round(t)
+        due = cadence.due(t)
+        with phases_reported(phase_printer(cfg, t, progress)):  # e.g. a long alignment
+            outcome = runtime.run_round(t, checkpoint=due)
         if not math.isfinite(outcome.train_loss):
             raise TrainingDiverged(f"train_loss is {outcome.train_loss} in round {t}")
         ledger.merge(outcome.ledger)
@@ -449,7 +456,9 @@ def run_experiment(
         rows.append(row)
         if out_dir is not None:
             write_parquet_atomic(pd.DataFrame(rows), Path(out_dir) / "metrics.parquet")
-        if folder is not None and t % cfg.checkpoint_every == 0:
+        if due:
+            cadence.saved()
+        if due and folder is not None:
             checkpoint.save(folder, t, {
                 "round": t, "config": cfg.to_dict(), "runtime": runtime.state_dict(),
                 "rows": rows, "ledger": ledger.entries(), "sim_time_s": sim_time_s,

@@ -68,7 +68,7 @@ class Throttled:
             self.emit(f"{text} ({format_duration(now - self.started)} into the round)")
 
 
-_phase: ContextVar[Callable[[str], None] | None] = ContextVar("fslsage_phase", default=None)
+_phase: ContextVar[Throttled | None] = ContextVar("fslsage_phase", default=None)
 
 
 @contextmanager
@@ -77,11 +77,26 @@ def phases_reported(emit: Callable[[str], None] | None,
     """While active, `report_phase` in this thread goes to `emit`, at most every `every_s`
     (default PHASE_EVERY_S)."""
     every = PHASE_EVERY_S if every_s is None else every_s
-    token = _phase.set(Throttled(emit, every) if emit is not None else None)
+    with phases_reported_to(Throttled(emit, every) if emit is not None else None):
+        yield
+
+
+@contextmanager
+def phases_reported_to(report: Throttled | None) -> Iterator[None]:
+    """While active, `report_phase` in this thread goes to `report` (one that lasts a round,
+    across many calls: the Ray S-Server's)."""
+    token = _phase.set(report)
     try:
         yield
     finally:
         _phase.reset(token)
+
+
+def phase_every_s() -> float | None:
+    """How often the run printing in this thread wants to hear of a long phase; None if none
+    does. A runtime hands it on to the processes that run the phases (the Ray S-Server)."""
+    report = _phase.get()
+    return None if report is None else report.every_s
 
 
 def report_phase(text: str) -> None:

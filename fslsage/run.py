@@ -63,22 +63,45 @@ def write_partition(prepared, out: Path) -> None:
         print(f"  client {cid:>3}: {prepared.histogram[cid].tolist()}")
 
 
+def make_runtime(prepared: Any, address: str | None = None) -> Any:
+    """The runtime the config asks for (the one place it is built, for `fslsage.run` and for a
+    Tune trial): Ray actors (`runtime: ray`), joining `address`, $RAY_ADDRESS or the Ray this
+    process runs in, else a local instance; or in-process, which in a process Ray started (a
+    Tune trial) computes on the GPU share Ray gave it, capped to it, and elsewhere on the
+    config's device."""
+    cfg = prepared.cfg
+    if cfg.runtime == "ray":  # first: it checks the cluster can hold the run, writing nothing
+        from actors.runtime import RayRuntime
+
+        return RayRuntime(prepared, address=address)
+    from fslsage.experiment import LocalRuntime
+
+    if not _started_by_ray():
+        return LocalRuntime(prepared)
+    from actors.common import actor_device
+
+    return LocalRuntime(prepared, device=actor_device(cfg, cfg.server_gpus, "Tune trial"))
+
+
+def _started_by_ray() -> bool:
+    """Whether this process is one Ray started (an actor, as a Tune trial runs in): only Ray
+    knows which GPUs it may use. Ray is not imported for the question."""
+    ray = sys.modules.get("ray")
+    return (ray is not None and ray.is_initialized()
+            and ray.get_runtime_context().get_actor_id() is not None)  # fmt: skip
+
+
 def train(cfg: Config, out: Path, address: str | None, resume: bool = False,
           on_start: Callable[[], None] | None = None,
           on_round: Callable[[dict], None] | None = None) -> None:  # fmt: skip
     """`on_start`: called once the runtime is up, before the first round; `on_round`: with each
     round's metrics row (the run's tracking, `RunRecord`)."""
-    from fslsage.experiment import LocalRuntime, prepare, run_experiment
+    from fslsage.experiment import prepare, run_experiment
     from fslsage.stateless import remove_gradient_store, run_gradient_store
 
     cfg = run_gradient_store(cfg, out)  # temporary files stay inside the run's folder
     prepared = prepare(cfg)
-    if cfg.runtime == "ray":  # first: it checks the cluster can hold the run, writing nothing
-        from actors.runtime import RayRuntime
-
-        runtime = RayRuntime(prepared, address=address)
-    else:
-        runtime = LocalRuntime(prepared)
+    runtime = make_runtime(prepared, address)
     try:
         write_partition(prepared, out)
         if on_start is not None:

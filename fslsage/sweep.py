@@ -49,19 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def connect_ray() -> None:
-    """Joins $RAY_ADDRESS or starts a local Ray, on loopback only (actors.common.start_local_ray);
-    an instance already up here is reused."""
-    import ray
+    """Joins $RAY_ADDRESS or starts a local Ray on loopback only (`actors.common.connect`),
+    quiet: the sweep prints its own progress lines, and each trial's error is recorded."""
+    from actors.common import connect
 
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS") or None
-    if address:
-        ray.init(address=address)
-    else:  # a local instance just for this sweep: quiet, no dashboard, loopback only
-        from actors.common import start_local_ray
-
-        start_local_ray(include_dashboard=False, log_to_driver=False)
+    connect(log_to_driver=False)
 
 
 def _first_difference(a: dict[str, Any], b: dict[str, Any]) -> str | None:
@@ -164,6 +156,7 @@ def start(given: dict[str, Any], sweep_dir: Path, track: bool = True) -> dict[st
         trials = sum(1 for p in sweep_dir.iterdir() if p.is_dir())
         print(f"replacing the previous run of sweep {sweep_dir.name} in {sweep_dir} "
               f"({trials} trial folders and its result files)")  # fmt: skip
+        end_killed_runs(read_state(sweep_dir / SWEEP_STATE))
         shutil.rmtree(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     (sweep_dir / SWEEP_MARKER).write_text(sweep_dir.name + "\n")  # first: the folder is ours
@@ -183,6 +176,23 @@ def start(given: dict[str, Any], sweep_dir: Path, track: bool = True) -> dict[st
     }
     write_atomic(sweep_dir / SWEEP_STATE, lambda tmp: tmp.write_text(json.dumps(state, indent=1)))
     return state
+
+
+def end_killed_runs(state: dict[str, Any] | None) -> None:
+    """The MLflow runs of a sweep being replaced that are still RUNNING end KILLED: its driver
+    died without a word (SIGKILL) and it is started afresh instead of resumed, so nothing else
+    would ever end them. Best effort: its store may be gone, and the new sweep needs nothing
+    from it."""
+    if not state or not state.get("parent_run_id"):
+        return
+    from tune import tracking
+
+    try:
+        tracking.end_left_running(state["tracking_uri"], state["experiment_id"],
+                                  state["parent_run_id"])  # fmt: skip
+    except Exception as e:  # whatever the old store raises (see the docstring)
+        print(f"fslsage: the previous run's MLflow runs were left as they were: {e}",
+              file=sys.stderr)  # fmt: skip
 
 
 def make_tuner(base: dict[str, Any], sweep_dir: Path, state: dict[str, Any]) -> Any:
@@ -226,8 +236,11 @@ def make_tuner(base: dict[str, Any], sweep_dir: Path, state: dict[str, Any]) -> 
             failure_config=tune.FailureConfig(max_failures=opts["max_failures"]),
             callbacks=[
                 callbacks.Progress(base, keys),
-                *([callbacks.MlflowTrials(uri, state["experiment_id"], parent, base, keys)]
-                  if parent else []),  # fmt: skip
+                *(
+                    [callbacks.MlflowTrials(uri, state["experiment_id"], parent, base, keys)]
+                    if parent
+                    else []
+                ),
             ],
             verbose=0,
         ),
@@ -296,8 +309,9 @@ def _end_runs(uri: str, state: dict[str, Any], status: str) -> None:
         pass
 
 
-def run(given: dict[str, Any], sweep_dir: Path, state: dict[str, Any] | None,
-        track: bool = True) -> int:
+def run(
+    given: dict[str, Any], sweep_dir: Path, state: dict[str, Any] | None, track: bool = True
+) -> int:
     """Runs (or resumes) the sweep and writes its results; 0 when at least one trial did not
     fail, 1 when every trial failed or a result file could not be written (one line on
     stderr), 130 when interrupted (Ctrl+C: unfinished trials read "interrupted", MLflow runs

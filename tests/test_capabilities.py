@@ -120,7 +120,7 @@ class FixedRuntime:
         self.metrics = metrics
 
     def start_round(self, t: int) -> None: ...
-    def run_round(self, t: int) -> RoundOutcome:
+    def run_round(self, t: int, checkpoint: bool = False) -> RoundOutcome:
         return RoundOutcome(1.0, [], dict(self.metrics))
 
     def evaluate(self) -> tuple[float, float]:

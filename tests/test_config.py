@@ -7,8 +7,21 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from pydantic import TypeAdapter, ValidationError
 
-from fslsage.config import Config, ConfigError, flatten, load_config, parse_overrides, validate
+from fslsage.config import (
+    FIELD_TYPES,
+    MAX_ROUNDS,
+    SEARCH_METRICS,
+    SEARCH_OPTIONS,
+    Config,
+    ConfigError,
+    SearchOptions,
+    flatten,
+    load_config,
+    parse_overrides,
+    validate,
+)
 from fslsage.run import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,3 +166,91 @@ def test_replace_validates():
     with pytest.raises(ConfigError) as e:
         cfg.replace(model="resnet18", dataset="e2e")
     assert e.value.key == "model"
+
+
+# ----------------------------------------------------------------------- the declared schema
+SCHEMA = TypeAdapter(Config).json_schema()["properties"]
+NUMERIC = [k for k, tp in FIELD_TYPES.items() if tp in (int, float)]
+
+
+def test_every_numeric_key_declares_its_limits():
+    """Limits live on the key's declaration, where the schema (and `python -c`) shows them."""
+    bounds = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
+    assert len(NUMERIC) > 40
+    assert [k for k in NUMERIC if not set(bounds) & set(SCHEMA[k])] == []
+    assert (SCHEMA["rounds"]["minimum"], SCHEMA["rounds"]["maximum"]) == (1, MAX_ROUNDS)
+    assert SCHEMA["lr"]["exclusiveMinimum"] == 0 and SCHEMA["checkpoint_minutes"]["minimum"] == 0
+    assert SCHEMA["optimizer"]["enum"] == ["adam", "adamw", "sgd"]
+    assert SCHEMA["name"]["default"] == "experiment"
+
+
+@pytest.mark.parametrize("key", NUMERIC)
+def test_a_declared_limit_is_what_validation_enforces(key):
+    prop, base = SCHEMA[key], {"num_clients": MAX_ROUNDS}  # room for active_clients
+    outside = [prop["minimum"] - 1] if "minimum" in prop else []
+    outside += [prop["exclusiveMinimum"]] if "exclusiveMinimum" in prop else []
+    outside += [prop["maximum"] + 1] if "maximum" in prop else []
+    outside += [prop["exclusiveMaximum"]] if "exclusiveMaximum" in prop else []
+    for value in outside:
+        with pytest.raises(ConfigError) as e:
+            validate({**base, key: value}, check_registries=False)
+        assert e.value.key == key and e.value.message.startswith("must be "), e.value
+    edge = prop.get("minimum", prop.get("exclusiveMinimum", 0) + 1)
+    assert getattr(validate({**base, key: edge}, check_registries=False), key) == edge
+
+
+@pytest.mark.parametrize("key", list(FIELD_TYPES))
+def test_types_are_strict(key):
+    """An int key takes no bool or float, a float key an int (widened) but no bool or NaN, a
+    str key no number, a block no scalar."""
+    tp = FIELD_TYPES[key]
+    wrong = {int: [True, 2.5, "3"], float: [True, "0.5", float("inf")], str: [3, None],
+             bool: [1, "yes"], dict: [5, [1]]}.get(tp, [True, 3])  # fmt: skip
+    for value in wrong:
+        with pytest.raises(ConfigError) as e:
+            validate({key: value}, check_registries=False)
+        assert e.value.key == key, (value, e.value)
+    if tp is float:
+        widened = validate({key: SCHEMA[key].get("minimum", 1)}, check_registries=False)
+        assert isinstance(getattr(widened, key), float)
+
+
+def test_config_itself_rejects_what_validate_rejects():
+    """The rules are the class's, not a separate pass: building a Config directly checks them."""
+    assert Config(rounds=3).rounds == 3
+    for bad in ({"rounds": 0}, {"rounds": True}, {"optimizer": "adamww"}, {"name": ".."},
+                {"lr_schedule": "warmup_linear", "warmup_rounds": 10}, {"bogus": 1},
+                {"search": {"lr": {"uniform": [5, 1]}}}):  # fmt: skip
+        with pytest.raises(ValidationError):
+            Config(**bad)
+    cfg = Config()
+    with pytest.raises(ValidationError):
+        dataclasses.replace(cfg, active_clients=cfg.num_clients + 1)
+
+
+def test_search_options_are_declared_with_their_defaults():
+    assert SEARCH_OPTIONS == tuple(SearchOptions.model_fields)
+    defaults = SearchOptions()
+    assert (defaults.num_samples, defaults.scheduler, defaults.metric) == (1, "fifo", "test_acc")
+    assert set(SearchOptions.model_fields["metric"].annotation.__args__) == set(SEARCH_METRICS)
+    for option, value, says in [
+        ("num_samples", 1.5, "expected int"), ("max_concurrent", -1, "must be >= 0"),
+        ("mode", "maxx", "did you mean 'max'"), ("reduction_factor", True, "expected float"),
+    ]:  # fmt: skip
+        with pytest.raises(ConfigError) as e:
+            validate({"search": {option: value}}, check_registries=False)
+        assert e.value.key == f"search.{option}" and says in e.value.message, e.value
+
+
+def test_every_value_a_search_can_give_passes_the_keys_own_rules():
+    """A searched value is checked as if it were set alone, against the other keys too."""
+    with pytest.raises(ConfigError) as e:
+        validate({"lr_schedule": "warmup_linear", "warmup_rounds": 5, "search": {"rounds": [2]}},
+                 check_registries=False)  # fmt: skip
+    assert e.value.key == "search.rounds" and "warmup_rounds: must be < rounds=2" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        validate({"search": {"name": ["ok", "../up"]}}, check_registries=False)
+    assert e.value.key == "search.name" and "plain folder name" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        validate({"search": {"rounds": {"uniform": [0.5, 3]}}}, check_registries=False)
+    assert e.value.key == "search.rounds" and "expected int, got float 0.5" in str(e.value)

@@ -97,9 +97,12 @@ def test_assigned_gpus_without_cuda_fail_clearly(monkeypatch, threads):
         SServer(prepared.algorithm, DataBundle.of(prepared), gpu_fraction=1.0)
 
 
-def test_a_local_trial_without_gpus_computes_on_the_cpu(fake_cuda):
-    from tune.trainable import make_runtime
+def test_a_local_trial_without_gpus_computes_on_the_cpu(fake_cuda, monkeypatch):
+    """In a process Ray started (a Tune trial) with no GPU assigned, the in-process runtime
+    stays off the card CUDA would offer."""
+    from fslsage.run import make_runtime
 
+    monkeypatch.setattr("fslsage.run._started_by_ray", lambda: True)
     runtime = make_runtime(prepare(demo_config(device="auto", num_clients=2)))
     try:
         assert runtime.device == torch.device("cpu")
@@ -277,3 +280,23 @@ def test_on_a_gpu_the_share_is_capped_and_a_checkpoint_round_trips(monkeypatch):
         assert restored.optimizers["client_model"].param_groups[0]["params"] == params
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, device)
+
+
+def test_only_a_process_ray_started_takes_its_device_from_ray(ray_session):
+    """A Tune trial runs in an actor: it asks Ray for its GPUs; the driver of `fslsage.run`,
+    Ray running or not, resolves its device itself."""
+    from fslsage.run import _started_by_ray
+
+    @ray_session.remote(num_cpus=0)
+    class Probe:
+        def started_by_ray(self) -> bool:
+            from fslsage.run import _started_by_ray
+
+            return _started_by_ray()
+
+    probe = Probe.remote()
+    try:
+        assert ray_session.get(probe.started_by_ray.remote())
+    finally:
+        ray_session.kill(probe)
+    assert not _started_by_ray()

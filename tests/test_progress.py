@@ -4,6 +4,7 @@ counts, and a long alignment that says where it stands at most every few seconds
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -83,3 +84,28 @@ def test_fsl_sages_alignment_says_where_it_stands_inside_a_round(monkeypatch):
     finally:
         runtime.close()
     assert not [ln for ln in lines if "aligning" in ln]
+
+
+def test_on_ray_the_s_server_says_where_its_alignment_stands(ray_session):
+    """On the Ray runtime the S-Server aligns in its own process: it prints the same phase
+    lines, throttled as the driver asks, and Ray forwards its output to the driver's (read
+    here from the actor's log file, since the tests' Ray does not forward it); a run printing
+    nothing gets nothing."""
+    from actors.runtime import RayRuntime
+
+    cfg = demo_config(rounds=2, num_clients=2, align_epochs=3, align_buffer_size=32,
+                      align_batch_size=32, first_align_round=1, num_client_actors=1)  # fmt: skip
+    runtime = RayRuntime(prepare(cfg))
+    try:
+        pid = ray_session.get(runtime.server.where.remote())["pid"]
+        with progress.phases_reported(print, every_s=0.0):
+            runtime.run_round(1)
+        runtime.run_round(2)  # nobody listens: no phase lines
+    finally:
+        runtime.close()
+    logs = Path(ray_session._private.worker.global_worker.node.get_logs_dir_path())
+    (log,) = logs.glob(f"worker-*-{pid}.out")
+    phases = [ln for ln in log.read_text().splitlines() if "aligning an aux model" in ln]
+    assert len(phases) == 2 * 3, phases  # round 1's two clients, three epochs each; not round 2
+    assert all(re.match(r"\[demo\] round 1/2: aligning an aux model: epoch [1-3]/3 \(", ln)
+               for ln in phases)  # fmt: skip

@@ -17,17 +17,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from crashes import CRASHING
 from helpers import ROOT, demo_config
 
 from actors.channel import ChannelBroken, ClientChannel
 from actors.client_pool import ClientActor, owned_clients
 from actors.common import DataBundle, loads, pack, unpack
+from actors.ordering import RoundAborted
 from actors.runtime import RayRuntime, RemoteSServer
-from actors.s_server import RoundAborted
 from fslsage.algorithms import ALGORITHMS
 from fslsage.algorithms.base import cut_gradient, loss_fn, server_step
 from fslsage.algorithms.fsl_sage import true_cut_gradient
-from fslsage.experiment import LocalRuntime, evaluate, prepare, run_experiment
+from fslsage.experiment import LocalRuntime, prepare, run_experiment
 
 METRICS = ["test_acc", "test_loss", "comm_gib", "sim_time_s"]
 
@@ -67,9 +68,9 @@ def run_ray_through_client_crash(
     ray, cfg, out: Path, actor_index: int, t: int, choose: Callable[[list[int]], int]
 ) -> pd.DataFrame:
     """Runs `cfg` on Ray with client actor `actor_index` armed to die as it is about to run
-    client `choose(its owned clients)` in round t; checks that Ray restarted it in a new process
-    and returns the run's metrics."""
-    runtime = RayRuntime(prepare(cfg))
+    client `choose(its owned clients)` in round t (tests/crashes.py); checks that Ray restarted
+    it in a new process and returns the run's metrics."""
+    runtime = RayRuntime(prepare(cfg), actor_classes=CRASHING)
     actor = runtime.client_actors[actor_index]
     try:
         pid = ray.get(actor.where.remote())["pid"]
@@ -122,7 +123,8 @@ def test_coalesce_serves_the_relay_of_sl_as_exact_does(ray_session, tmp_path):
 
 
 def test_killed_client_actor_restarts_from_the_checkpoint(ray_session, tmp_path):
-    cfg = demo_config(algorithm="splitfed_v2", rounds=3, checkpoint_every=2)
+    # the default checkpoints (every 10 rounds, 5 minutes): only the state before round 1
+    cfg = demo_config(algorithm="splitfed_v2", rounds=3)
     # the first actor's second client: the actor dies mid-round 2
     ray_df = run_ray_through_client_crash(ray_session, cfg, tmp_path / "ray", 0, 2, lambda o: o[1])
     assert ray_df["round"].tolist() == [1, 2, 3]
@@ -145,10 +147,11 @@ def test_warm_start_on_ray_survives_a_crash_in_the_round_after_it(ray_session, t
 def test_s_server_dying_as_it_opens_a_round_is_restored_from_the_checkpoint(ray_session, tmp_path):
     """Round 3 is submitted before round 2's evaluation is read, and the S-Server evaluates round
     2 as it opens round 3: it dies there, and the run still reports every round once, with the
-    in-process runtime's metrics."""
-    cfg = demo_config(algorithm="fsl_sage", rounds=3, checkpoint_every=2)
+    in-process runtime's metrics. With the default checkpoints (every 10 rounds), from the state
+    before round 1, rounds 1 and 2 re-run."""
+    cfg = demo_config(algorithm="fsl_sage", rounds=3)
     ray = ray_session
-    runtime = RayRuntime(prepare(cfg))
+    runtime = RayRuntime(prepare(cfg), actor_classes=CRASHING)
     try:
         pid = ray.get(runtime.server.where.remote())["pid"]
         ray.get(runtime.server.arm_crash.remote(3))
@@ -389,66 +392,29 @@ def test_requests_may_overtake_the_opening_of_their_round(ray_session):
     assert stats["batch_sizes"] == {1: 3}  # the abandoned attempt's request never ran
 
 
-def test_an_opening_submitted_ahead_waits_for_the_round_it_follows(ray_session):
-    """The F-Server submits round t + 1 before round t is over. Its opening names round t's
-    attempt, waits (with round t + 1's requests) until round t ends, then evaluates with the
-    server as round t left it. A checkpoint restored meanwhile fails a waiting opening."""
+def test_the_next_round_evaluates_the_last_one_as_it_opens(ray_session):
+    """As the F-Server loop drives it: run_round(t) leaves no round running, start_round(t + 1)
+    submits the next, whose opening evaluates round t's global model (after a checkpoint round
+    too), and `evaluate` answers with that; the evaluations are the in-process runtime's. The
+    S-Server is on the client actors' node: their requests went through the same-node channel."""
     ray = ray_session
-    prepared, server = start_server("splitfed_v2", "exact")
-    requests = [smashed(prepared, cid, 8) for cid in (0, 1)]
-    weights = prepared.algorithm.initial_global()
-    try:
-        ray.get(server.begin_round.remote(1, 1, [0, 1]))
-        blob = ray.get(server.state.remote())
-        opening = server.begin_round.remote(2, 2, [0, 1], after=1, previous_global=weights)
-        ahead = server.submit.remote(2, 0, 0, "exchange", *pack(requests[0]))  # round 2's
-        current = [server.submit.remote(1, c, 0, "exchange", *pack(requests[c]), done=[(0, 1)])
-                   for c in (0, 1)]  # fmt: skip
-        answers = ray.get(current)  # round 1 is served; round 2 has not begun
-        assert ray.wait([opening, ahead], num_returns=2, timeout=0.5)[0] == []
-        end = server.end_round.remote(1, 1)
-        server.submit.remote(1, 1, 1, "done")
-        ray.get(end)
-        evaluation = ray.get(opening)
-        answers = unpack([*answers, ray.get(ahead)], "cpu")
-        # round 3 submitted ahead of round 2, which never ends: a restore aborts its opening
-        waiting = server.begin_round.remote(3, 3, [0, 1], after=2, previous_global=weights)
-        assert ray.wait([waiting], timeout=0.3)[0] == []
-        ray.get(server.load_state.remote(blob, 0))
-        with pytest.raises(ray.exceptions.RayTaskError, match="RoundAborted"):
-            ray.get(waiting)
-    finally:
-        ray.kill(server)
-    reference = prepared.algorithm.new_server(torch.device("cpu"))
-    data = DataBundle.of(prepared)
-    with one_thread():
-        expected = [reference.on_exchange(cid, *req) for cid, req in enumerate(requests)]
-        cpu = torch.device("cpu")
-        model = prepared.algorithm.eval_module(weights, reference.eval_model(), cpu)
-        as_left = evaluate(model, *data.test_set(), data.info, prepared.cfg.eval_batch_size, cpu)
-        expected.append(reference.on_exchange(0, *requests[0]))
-    for (grad, loss), (ref_grad, ref_loss) in zip(answers, expected, strict=True):
-        assert torch.equal(grad, ref_grad) and torch.equal(loss, ref_loss)
-    assert evaluation == as_left
-
-
-def test_rounds_are_submitted_one_ahead_except_at_checkpoints_and_the_horizon(ray_session):
-    """run_round(t) submits round t + 1 before it waits for round t, except after a checkpoint
-    round (the checkpoint must see the actors as round t left them) and after the horizon;
-    the evaluations are still those of the in-process runtime."""
     cfg = demo_config(algorithm="fsl_sage", rounds=4, checkpoint_every=2)
     runtime = RayRuntime(prepare(cfg))
-    ahead, evaluations = [], []
+    running, evaluations, openings = [], [], []
     try:
-        runtime.horizon = 3
         for t in range(1, cfg.rounds + 1):
             runtime.run_round(t)
-            ahead.append(runtime.started.t if runtime.started is not None else None)
+            running.append(runtime.started)
+            if t < cfg.rounds:
+                runtime.start_round(t + 1)
+                openings.append(runtime.started.opening)
             evaluations.append(runtime.evaluate())
-        channels = [ray_session.get(a.where.remote())["channel"] for a in runtime.client_actors]
+        opened = ray.get(openings)
+        channels = [ray.get(a.where.remote())["channel"] for a in runtime.client_actors]
     finally:
         runtime.close()
-    assert ahead == [2, None, None, None]
+    assert running == [None] * cfg.rounds
+    assert [tuple(e) for e in opened] == evaluations[:-1]
     assert channels and all(channels)  # the S-Server is on their node: the channel carried it all
     assert_local_evaluations(cfg, evaluations)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from crashes import CRASHING
 from helpers import demo_config
 from test_ray_runtime import assert_local_evaluations, assert_same_metrics, run_local, run_ray
 from torch import nn
@@ -158,9 +159,10 @@ def test_replicas_killed_and_added_mid_run_lose_no_update(ray_session):
     Every gradient is applied once: the run equals the in-process one."""
     ray = ray_session
     cfg = demo_config(algorithm="splitfed_v2", server_mode="stateless", sync_every=0, rounds=3)
-    runtime = RayRuntime(prepare(cfg))
+    runtime = RayRuntime(prepare(cfg), actor_classes=CRASHING)  # replicas of tests/crashes.py
     try:
         first, second = runtime.replicas
+        pid = ray.get(first.where.remote())["pid"]
         ray.get(first.arm_crash.remote())
         rows = []
         for t in range(1, cfg.rounds + 1):
@@ -170,6 +172,7 @@ def test_replicas_killed_and_added_mid_run_lose_no_update(ray_session):
                 ray.kill(second, no_restart=True)
                 added = runtime.add_replica()
         served = ray.get(added.where.remote())["served"]
+        restarted = ray.get(first.where.remote())["pid"] != pid  # it died, and Ray restarted it
         fresh = {"server": prepare(cfg).algorithm.new_server(torch.device("cpu")), "rng": {}}
         state = loads(ray.get(runtime.server.state.remote()), fresh, torch.device("cpu"))
         applied = state["server"].applied
@@ -179,3 +182,4 @@ def test_replicas_killed_and_added_mid_run_lose_no_update(ray_session):
     batches = sum(-(-len(part) // cfg.batch_size) for part in prepare(cfg).client_indices)
     assert applied == cfg.rounds * batches  # none lost, none twice
     assert served > 0  # the added replica took requests
+    assert restarted

@@ -238,6 +238,18 @@ def _lines(stream) -> queue.Queue:
     return q
 
 
+def start_sweep(ray_session, cfg: Path, results: Path) -> tuple[subprocess.Popen, list[str],
+                                                                 queue.Queue]:  # fmt: skip
+    """`python -m fslsage.sweep --config CFG --results-dir RESULTS` on the tests' Ray instance:
+    (the process, its arguments, its output a line at a time)."""
+    argv = ["--config", str(cfg), "--results-dir", str(results)]
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([sys.executable, "-m", "fslsage.sweep", *argv], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)  # fmt: skip
+    return proc, argv, _lines(proc.stdout)
+
+
 def test_resume_finishes_an_interrupted_sweep_with_every_row_once(
     ray_session, tmp_path, no_tracking_env
 ):
@@ -248,12 +260,8 @@ def test_resume_finishes_an_interrupted_sweep_with_every_row_once(
                        {"alpha": [0.1, 0.5, 1.0], "max_concurrent": 1},
                        algorithm="fedavg", rounds=3)  # fmt: skip
     results = tmp_path / "results"
-    argv = ["--config", str(cfg), "--results-dir", str(results)]
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    cmd = [sys.executable, "-m", "fslsage.sweep", *argv]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    lines, seen = _lines(proc.stdout), []
+    proc, argv, lines = start_sweep(ray_session, cfg, results)
+    seen = []
     try:
         deadline = time.monotonic() + 120
 

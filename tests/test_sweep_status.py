@@ -8,8 +8,6 @@ import errno
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,12 +15,12 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import yaml
-from helpers import DEMO, ROOT
+from helpers import DEMO
 from test_sweep import (
     TINY,
-    _lines,
     no_tracking_env,  # noqa: F401 (a fixture, used by name)
     runs,
+    start_sweep,
     steps,
     write_config,
 )
@@ -258,12 +256,8 @@ def test_ctrl_c_exits_130_with_trials_interrupted_and_runs_killed_then_resume_fi
     cfg = write_config(tmp_path / "s.yaml", "ctrlc", {"alpha": [0.1, 1.0]}, algorithm="fedavg",
                        rounds=rounds)  # fmt: skip
     results = tmp_path / "results"
-    argv = ["--config", str(cfg), "--results-dir", str(results)]
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    proc = subprocess.Popen([sys.executable, "-m", "fslsage.sweep", *argv], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)  # fmt: skip
-    lines, seen = _lines(proc.stdout), []
+    proc, argv, lines = start_sweep(ray_session, cfg, results)
+    seen = []
     try:
         deadline = time.monotonic() + 120
         # both trials (the test instance's two CPUs) have reported their first round
@@ -303,3 +297,32 @@ def test_ctrl_c_exits_130_with_trials_interrupted_and_runs_killed_then_resume_fi
     assert parent.status == "FINISHED" and (children.status == "FINISHED").all()
     for run_id in children.run_id:
         assert steps(run_id, "test_acc") == list(range(1, rounds + 1))
+
+
+@pytest.mark.usefixtures("no_tracking_env")
+def test_a_sweep_started_afresh_over_a_killed_one_ends_the_runs_it_left_running(
+    ray_session, tmp_path
+):
+    """A sweep whose driver was SIGKILLed left its parent run and a trial's run RUNNING; started
+    afresh instead of resumed, it ends them KILLED (a run that had ended keeps its status), and
+    its own parent run is a new one."""
+    from fslsage.config import load_config
+
+    given = load_config(DEMO).to_dict()
+    sweep_dir = tmp_path / "results" / given["name"]
+    killed = sweep.start(given, sweep_dir)  # what the killed driver had opened
+    uri, experiment_id, parent = (killed[k] for k in ("tracking_uri", "experiment_id",
+                                                      "parent_run_id"))  # fmt: skip
+    client = tracking._client(uri)
+    trials = {
+        tid: tracking.create_run(client, experiment_id, tid,
+                                 {tracking.PARENT_TAG: parent, "trial_id": tid}, {})
+        for tid in ("running", "finished")
+    }  # fmt: skip
+    tracking.end_run(client, trials["finished"], "FINISHED")
+    fresh = sweep.start(given, sweep_dir)
+    status = {name: client.get_run(run_id).info.status
+              for name, run_id in [("parent", parent), *trials.items()]}  # fmt: skip
+    assert status == {"parent": "KILLED", "running": "KILLED", "finished": "FINISHED"}
+    assert fresh["parent_run_id"] != parent
+    assert client.get_run(fresh["parent_run_id"]).info.status == "RUNNING"

@@ -62,7 +62,7 @@ class MlflowTrials(tune.Callback):
             name = f"{cfg.algorithm} {label}".strip() + f" [{tid}]"
             run_id = tracking.create_run(self.client, self.experiment_id, name, tags,
                                          tracking.config_params(cfg))  # fmt: skip
-            self._last_step[tid] = 0
+            self._last_step[tid] = tracking.NOTHING_LOGGED
         self._runs[tid] = run_id
         return run_id
 
@@ -75,7 +75,7 @@ class MlflowTrials(tune.Callback):
             return
         run_id = self._run_id(trial)
         step = int(result["round"])
-        if step <= self._last_step.get(trial.trial_id, 0):
+        if step <= self._last_step.get(trial.trial_id, tracking.NOTHING_LOGGED):
             return  # logged before a restart
         tracking.log_round(self.client, run_id, result)
         self._last_step[trial.trial_id] = step

@@ -41,6 +41,7 @@ from tune.tracking import error_reason, trial_error
 RESULT_FILE, PROGRESS_FILE = "result.json", "progress.csv"  # what Tune logs per trial
 LOGGED = [*METRIC_COLUMNS, "align_loss"]
 
+
 @contextmanager
 def errors_as_text() -> Iterator[None]:
     """While active, the ResultGrid that Tuner.fit() builds reads a failed trial's error from its

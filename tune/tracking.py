@@ -138,12 +138,15 @@ def log_round(client: Any, run_id: str, row: dict[str, Any]) -> None:
     client.log_batch(run_id, metrics=metrics)
 
 
+NOTHING_LOGGED = -1  # a run's last logged round before its first: a warm start's round 0 counts
+
+
 def reopen_run(client: Any, run_id: str) -> int:
     """A run going on (a resumed trial or run): RUNNING again; returns the last round it
-    logged (0: none), so that rounds logged before are not logged twice."""
+    logged (NOTHING_LOGGED: none), so that rounds logged before are not logged twice."""
     client.update_run(run_id, status="RUNNING")
     history = client.get_metric_history(run_id, "test_acc")
-    return max((m.step for m in history), default=0)
+    return max((m.step for m in history), default=NOTHING_LOGGED)
 
 
 def log_artifacts(client: Any, run_id: str, paths: Iterable[Path]) -> None:
@@ -223,6 +226,13 @@ def reopen_sweep_run(uri: str, run_id: str) -> None:
     _client(uri).update_run(run_id, status="RUNNING")
 
 
+def end_left_running(uri: str, experiment_id: str, parent_run_id: str) -> None:
+    """A sweep's parent run and trial runs that are still RUNNING end KILLED; those that ended
+    keep their status. For a sweep whose driver died without a word (SIGKILL, a lost node)."""
+    settle_trial_runs(uri, experiment_id, parent_run_id, {}, "KILLED")
+    client = _client(uri)
+    if client.get_run(parent_run_id).info.status == "RUNNING":
+        client.set_terminated(parent_run_id, "KILLED")
 
 
 class RunTracker:
@@ -231,7 +241,7 @@ class RunTracker:
     reason or KILLED when it does not finish. Tagged with its output folder, so a resumed run
     goes on in the same MLflow run."""
 
-    def __init__(self, uri: str, run_id: str, last_step: int = -1):
+    def __init__(self, uri: str, run_id: str, last_step: int = NOTHING_LOGGED):
         self.uri, self.run_id, self.last_step = uri, run_id, last_step
         self.client = _client(uri)
 

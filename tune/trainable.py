@@ -1,8 +1,9 @@
 """One Tune trial = one experiment: `fslsage.experiment.run_experiment` with a report per round.
 
-Every `checkpoint_every` rounds the trial reports a Tune checkpoint that holds the whole
-experiment (`fslsage.checkpoint`: plain data, loaded with weights_only), so a restored trial
-(`--resume`, or Tune retrying it: `search.max_failures`) goes on from that round. (A runtime that
+Whenever the experiment checkpoints (every `checkpoint_every` rounds, or `checkpoint_minutes`
+after the last) the trial reports a Tune checkpoint that holds the whole experiment
+(`fslsage.checkpoint`: plain data, loaded with weights_only), so a restored trial (`--resume`,
+or Tune retrying it: `search.max_failures`) goes on from that round. (A runtime that
 could not give its state would re-run from round 1, deterministic for a seed, and report only the
 rounds after its checkpoint.) No round is reported twice, and the sweep's results keep one row
 per (trial, round) whatever Tune logged.
@@ -20,8 +21,9 @@ from typing import Any
 from ray import tune
 
 from fslsage import checkpoint as experiment_checkpoint
-from fslsage.experiment import LocalRuntime, Runtime, checkpoint_folder, prepare, run_experiment
+from fslsage.experiment import checkpoint_folder, prepare, run_experiment
 from fslsage.results import write_partition_csv
+from fslsage.run import make_runtime
 from fslsage.stateless import remove_gradient_store, run_gradient_store
 from tune.resources import pin_client_actors
 from tune.space import trial_config
@@ -46,20 +48,6 @@ def restored_round(folder: Path | None) -> int:
             for path in saved:
                 shutil.copy2(path, folder / path.name)
         return int(json.loads((Path(d) / CHECKPOINT_FILE).read_text())["round"])
-
-
-def make_runtime(prepared: Any) -> Runtime:
-    if prepared.cfg.runtime == "ray":
-        # Imported here: only ray-runtime trials need the actors (and the trial's placement
-        # group, which Tune makes the default for actors started in this process).
-        from actors.runtime import RayRuntime
-
-        return RayRuntime(prepared)
-    from actors.common import actor_device
-
-    # on CUDA only with the GPU share the trial reserved (tune/resources.py), capped to it
-    cfg = prepared.cfg
-    return LocalRuntime(prepared, device=actor_device(cfg, cfg.server_gpus, "Tune trial"))
 
 
 def run_trial(params: dict[str, Any], base: dict[str, Any], cluster: dict[str, float]) -> None:
@@ -89,13 +77,20 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], cluster: dict[str, f
     resume = folder is not None and bool(experiment_checkpoint.rounds(folder))
 
     def on_round(row: dict[str, Any]) -> None:
-        if row["round"] <= done:  # reported before the interruption (re-run from round 1)
+        t = row["round"]
+        if t <= done:  # reported before the interruption (re-run from round 1)
             return
-        if cfg.checkpoint_every and row["round"] % cfg.checkpoint_every == 0:
+        # a Tune checkpoint wherever the experiment just wrote its own (by rounds or by
+        # checkpoint_minutes; restored_round cleared older attempts' files), else by rounds
+        saved = None if folder is None else experiment_checkpoint.path(folder, t)
+        if saved is None:
+            due = bool(cfg.checkpoint_every) and t % cfg.checkpoint_every == 0
+        else:
+            due = saved.is_file()
+        if due:
             with tempfile.TemporaryDirectory() as d:
-                (Path(d) / CHECKPOINT_FILE).write_text(json.dumps({"round": row["round"]}))
-                if folder is not None:  # the experiment's own, written just before
-                    saved = experiment_checkpoint.path(folder, row["round"])
+                (Path(d) / CHECKPOINT_FILE).write_text(json.dumps({"round": t}))
+                if saved is not None:
                     shutil.copy2(saved, Path(d) / saved.name)
                 tune.report(row, checkpoint=tune.Checkpoint.from_directory(d))
         else:
