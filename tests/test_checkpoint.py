@@ -92,22 +92,33 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tmp_path):
         run(small("fsl_sage"), tmp_path / "elsewhere", resume=True)
 
 
-def test_the_driver_killed_with_sigkill_resumes_where_its_checkpoint_left(tmp_path):
+@pytest.mark.parametrize("runtime", ["local", "ray"])
+def test_the_driver_killed_with_sigkill_resumes_where_its_checkpoint_left(tmp_path, runtime,
+                                                                          request):  # fmt: skip
     """`python -m fslsage.run` killed mid-run (SIGKILL: no clean-up at all), then the same
-    command with `--resume`: every round once in metrics.parquet, equal to a run never killed."""
+    command with `--resume`: every round once in metrics.parquet, equal to a run never killed.
+    On Ray the driver joins the tests' instance; its actors die with it (Ray ends a dead
+    driver's job) and the resumed run starts fresh ones from the checkpoint on disk."""
     sets = ["--set", "rounds=6", "--set", "checkpoint_every=2", "--set", "num_clients=4",
-            "--set", "align_epochs=2"]  # fmt: skip
+            "--set", "align_epochs=2", "--set", f"runtime={runtime}"]  # fmt: skip
     cmd = [sys.executable, "-m", "fslsage.run", "--config", str(ROOT / "configs" / "demo.yaml"),
            *sets, "--out", str(tmp_path / "killed"), "--no-mlflow"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    address = {}
+    if runtime == "ray":  # first: starting Ray sets what a process needs to join it
+        ray = request.getfixturevalue("ray_session")
+        address = {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+        cmd += ["--set", "num_client_actors=2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **address}
+    log = tmp_path / "stderr.txt"  # a file: Ray's lines would fill a pipe nobody reads yet
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
     folder = tmp_path / "killed" / "checkpoints"
     deadline = time.monotonic() + 120
     while not checkpoint.rounds(folder) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()  # killed mid-run
+    assert proc.returncode == -signal.SIGKILL, log.read_text()  # killed mid-run
     done = pd.read_parquet(tmp_path / "killed" / "metrics.parquet")["round"].tolist()
     assert checkpoint.rounds(folder) and done[-1] < 6
     resumed = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True,
@@ -117,7 +128,7 @@ def test_the_driver_killed_with_sigkill_resumes_where_its_checkpoint_left(tmp_pa
     cfg = demo_config(rounds=6, checkpoint_every=2, num_clients=4, align_epochs=2)
     whole = run(cfg, tmp_path / "whole")
     after = pd.read_parquet(tmp_path / "killed" / "metrics.parquet")
-    pd.testing.assert_frame_equal(after[SAME], whole[SAME])
+    pd.testing.assert_frame_equal(after[SAME], whole[SAME], atol=1e-6, rtol=0)
 
 
 def test_a_restored_tune_trial_resumes_from_its_experiment_checkpoint(tmp_path, monkeypatch):

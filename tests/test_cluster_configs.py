@@ -3,7 +3,7 @@ docker/rayjob.yaml (KubeRay) declare node types that hold what the code asks for
 sweep they document, and the image runs as a non-root user. No Docker engine, no Ray cluster:
 the node types are read the way Ray reads them (the launcher's schema and defaults; the KubeRay
 autoscaler's translation of a RayCluster spec), and what a trial and its actors ask for comes
-from the project's own functions (tune.resources.trial_demands, actors.runtime.server_demand,
+from the project's own functions (tune.resources.trial_demands, fslsage.placement.server_demand,
 actor_demands, client_actor_count, check_fits and the sweep's preflight check_cluster), so a
 change to those requests (e.g. the name of the S-Server's accelerator resource) fails here."""
 
@@ -24,9 +24,9 @@ from ray.autoscaler._private.kuberay.autoscaling_config import (
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 from actors import runtime as actors_runtime
-from actors.runtime import actor_demands, check_fits, client_actor_count, server_demand
 from fslsage import sweep
 from fslsage.config import Config, ConfigError, load_config
+from fslsage.placement import actor_demands, check_fits, client_actor_count, server_demand
 from tune.resources import TRIAL_SERVER_CPUS, trial_demands
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,12 +23,12 @@ from actors.common import (
     loads,
     memory_fraction,
 )
-from actors.runtime import actor_demands, check_fits, client_actor_count
 from actors.s_server import SServer
 from fslsage.algorithms.base import Client, make_optimizer
 from fslsage.checkpoint import KIND
 from fslsage.config import ConfigError
 from fslsage.experiment import prepare
+from fslsage.placement import actor_demands, check_fits, client_actor_count
 from tune.resources import trial_bundles
 
 GIB = 1 << 30

@@ -14,9 +14,10 @@ from helpers import DEMO, demo_config
 from test_ray_runtime import assert_same_metrics, run_local, run_ray
 
 import fslsage.stateless as stateless
-from actors.runtime import RayRuntime, actor_demands, check_fits
+from actors.runtime import RayRuntime
 from fslsage.config import ConfigError
 from fslsage.experiment import LocalRuntime, prepare
+from fslsage.placement import actor_demands, check_fits
 from fslsage.run import main as run_main
 from fslsage.sweep import SWEEP_MARKER, SWEEP_STATE, is_sweep_folder
 

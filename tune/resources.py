@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from actors import runtime as actors_runtime
+from fslsage import placement
 from fslsage.config import Config, search_choices
 
 
@@ -32,18 +33,18 @@ def client_actor_count(cfg: Config, cluster: dict[str, float]) -> int:
     """Client actors that fit the cluster next to the S-Server bundle (one CPU) and the GPU
     replicas', GPU shares packed per card. The trial pins the result into its config so the
     actors it starts match the bundles reserved for them."""
-    return actors_runtime.client_actor_count(cfg, cluster, reserved_cpus=TRIAL_SERVER_CPUS)
+    return placement.client_actor_count(cfg, cluster, reserved_cpus=TRIAL_SERVER_CPUS)
 
 
 def trial_bundles(cfg: Config, cluster: dict[str, float]) -> list[dict[str, float]]:
     """Placement-group bundles of one trial; the first is the trial process's own."""
     if cfg.runtime == "local":
         return [_nonzero({"CPU": 1.0, "GPU": cfg.server_gpus})]
-    server = actors_runtime.server_demand(cfg, cpus=TRIAL_SERVER_CPUS)
+    server = placement.server_demand(cfg, cpus=TRIAL_SERVER_CPUS)
     client = _nonzero({"CPU": cfg.client_cpus, "GPU": cfg.client_gpus})
     n = client_actor_count(cfg, cluster)
     # stateless replicas take no CPU but a GPU share each, if the S-Server has one
-    replicas = actors_runtime.replica_bundles(cfg)
+    replicas = placement.replica_bundles(cfg)
     replica = {"GPU": cfg.server_gpus}
     return [{}, _nonzero(server)] + [dict(client) for _ in range(n)] + [replica] * replicas
 
@@ -54,7 +55,7 @@ RESOURCE_KEYS = (
 )  # fmt: skip
 
 
-def trial_demands(cfg: Config, cluster: dict[str, float]) -> list[actors_runtime.Demand]:
+def trial_demands(cfg: Config, cluster: dict[str, float]) -> list[placement.Demand]:
     """`trial_bundles`, each with the config key that asks for each of its resources."""
     bundles = trial_bundles(cfg, cluster)
     clients = client_actor_count(cfg, cluster) if cfg.runtime == "ray" else 0
@@ -80,7 +81,7 @@ def check_trials_fit(base: dict[str, Any], cluster: dict[str, float]) -> None:
             variants.append(trial_config(base, {key: value}))
     nodes = actors_runtime.cluster_nodes()
     for variant in variants:
-        actors_runtime.check_fits(trial_demands(variant, cluster), nodes)
+        placement.check_fits(trial_demands(variant, cluster), nodes)
 
 
 def pin_client_actors(cfg: Config, cluster: dict[str, float]) -> Config:
