@@ -494,10 +494,10 @@ class RayRuntime:
                                      copy.deepcopy(self.schedule))  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
-        """The newest checkpoint (`checkpoint_every`: the round just run, taken before the next
-        was submitted) as plain data for the disk (`fslsage.checkpoint`): the S-Server's and
-        every client actor's state as the bytes they gave (plain data too), the global weights
-        and gas's schedule."""
+        """The newest checkpoint (of the last round `run_round` kept, taken at its end, before
+        the next round was submitted) as plain data for the disk (`fslsage.checkpoint`): the
+        S-Server's and every client actor's state as the bytes they gave (plain data too), the
+        global weights and gas's schedule."""
         ckpt = self.checkpoint
         assert ckpt is not None, "checkpoint_every is 0"
         return {"round": ckpt.t, "after": ckpt.after, "server": ray.get(ckpt.server),

@@ -273,8 +273,10 @@ class SServer:
             self.server.start_from(handover)
         if self.server is not None:
             self.server.begin_round(t)
-        printer = phase_printer(self.cfg, t, functools.partial(print, flush=True))
-        self.phases = None if phase_every_s is None else Throttled(printer, phase_every_s)
+        self.phases = None  # the driver hears of no phase
+        if phase_every_s is not None:
+            printer = phase_printer(self.cfg, t, functools.partial(print, flush=True))
+            self.phases = Throttled(printer, phase_every_s)
         return evaluation
 
     async def _load(self, blob: bytes, after: int) -> None:

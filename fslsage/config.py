@@ -203,8 +203,8 @@ class Config:
     # the whole experiment to <out>/checkpoints/ every this many rounds (a Ray run also keeps
     # one in the object store to recover lost actors); 0: never
     checkpoint_every: Count = 10
-    # also after any round that ends this many minutes after the last checkpoint (paper rounds
-    # can take minutes each); 0: by rounds only. Needs checkpoint_every > 0
+    # also after any round that begins this many minutes after the last checkpoint (paper
+    # rounds can take minutes each); 0: by rounds only. Needs checkpoint_every > 0
     checkpoint_minutes: NonNegative = 5.0
     # the figures' GiB and simulated-time axes: log where the data spans more than two decades
     plot_x_scale: Literal["auto", "log", "linear"] = "auto"

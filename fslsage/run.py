@@ -14,9 +14,12 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fslsage.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:  # imported where used: `--dry-run` and a bad config start no torch
+    from fslsage.experiment import Prepared, Runtime
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,7 +66,7 @@ def write_partition(prepared, out: Path) -> None:
         print(f"  client {cid:>3}: {prepared.histogram[cid].tolist()}")
 
 
-def make_runtime(prepared: Any, address: str | None = None) -> Any:
+def make_runtime(prepared: Prepared, address: str | None = None) -> Runtime:
     """The runtime the config asks for (the one place it is built, for `fslsage.run` and for a
     Tune trial): Ray actors (`runtime: ray`), joining `address`, $RAY_ADDRESS or the Ray this
     process runs in, else a local instance; or in-process, which in a process Ray started (a

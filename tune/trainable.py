@@ -81,17 +81,12 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], cluster: dict[str, f
         if t <= done:  # reported before the interruption (re-run from round 1)
             return
         # a Tune checkpoint wherever the experiment just wrote its own (by rounds or by
-        # checkpoint_minutes; restored_round cleared older attempts' files), else by rounds
+        # checkpoint_minutes; restored_round cleared older attempts' files)
         saved = None if folder is None else experiment_checkpoint.path(folder, t)
-        if saved is None:
-            due = bool(cfg.checkpoint_every) and t % cfg.checkpoint_every == 0
-        else:
-            due = saved.is_file()
-        if due:
+        if saved is not None and saved.is_file():
             with tempfile.TemporaryDirectory() as d:
                 (Path(d) / CHECKPOINT_FILE).write_text(json.dumps({"round": t}))
-                if saved is not None:
-                    shutil.copy2(saved, Path(d) / saved.name)
+                shutil.copy2(saved, Path(d) / saved.name)
                 tune.report(row, checkpoint=tune.Checkpoint.from_directory(d))
         else:
             tune.report(row)
