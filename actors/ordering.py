@@ -38,6 +38,17 @@ class StateLost(RuntimeError):
     between rounds, with nothing in flight to fail (the F-Server restores a checkpoint)."""
 
 
+def settle(future: Any, result: Any = None, error: BaseException | None = None) -> None:
+    """Answers `future` (an asyncio or concurrent.futures Future) with `result`, or fails it
+    with `error`, unless nobody waits on it (None) or it is settled already."""
+    if future is None or future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
 @dataclass
 class Request:
     """A client request (CLIENT_KINDS) or a round's "end". `future`: where its answer goes
@@ -52,12 +63,10 @@ class Request:
     arrival: int = 0  # when it was filed: `coalesce` serves the earliest first
 
     def answer(self, result: Any) -> None:
-        if self.future is not None and not self.future.done():
-            self.future.set_result(result)
+        settle(self.future, result)
 
     def fail(self, error: BaseException) -> None:
-        if self.future is not None and not self.future.done():
-            self.future.set_exception(error)
+        settle(self.future, error=error)
 
 
 class RoundOrder:

@@ -11,8 +11,9 @@ starts round t + 1 (`start_round`) before it reads round t's evaluation: the S-S
 round t's aggregate with the server as round t left it — the point the in-process runtime
 evaluates at: its opening of round t + 1 snapshots the server, and the evaluation runs a test
 batch at a time whenever no request is ready, so it stays off round t + 1's critical path —
-while the driver writes round t's metrics. Every `checkpoint_every` rounds it checkpoints the
-clients, the S-Server and the global weights in the object store; if an actor dies, Ray
+while the driver writes round t's metrics. At the rounds the F-Server loop asks for
+(`checkpoint.Cadence`) it checkpoints the clients, the S-Server and the global weights in the
+object store; if an actor dies, Ray
 restarts it, every role is restored from the checkpoint and the rounds since are re-run
 (deterministic with `exact` batching). An S-Server that Ray restarted between rounds, with no
 call in flight to fail, is caught by the next opening: each names the attempt whose end the
@@ -333,12 +334,10 @@ class RayRuntime:
         requests), so `evaluate` reads that while round t already runs."""
         self._started(t, evaluate_previous=True)
 
-    def run_round(self, t: int, checkpoint: bool | None = None) -> RoundOutcome:
+    def run_round(self, t: int, checkpoint: bool = False) -> RoundOutcome:
         """Finishes round t (submitting it first, unless `start_round` has). `checkpoint`: keep
-        the state at round t's end (to recover lost actors from, and for `state_dict`); None:
-        every `checkpoint_every`-th round (run_experiment asks `checkpoint.Cadence`)."""
-        if checkpoint is None:
-            checkpoint = bool(self.cfg.checkpoint_every) and t % self.cfg.checkpoint_every == 0
+        the state at round t's end (to recover lost actors from, and for `state_dict`), where
+        the F-Server loop's `checkpoint.Cadence` says so."""
         outcome = self._recovering(t, lambda: self._finish(self._started(t)))
         if checkpoint:
             self._checkpoint(t)

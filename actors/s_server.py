@@ -46,7 +46,7 @@ from actors.common import (
     set_up_actor,
     unpack,
 )
-from actors.ordering import ANSWERED, CLIENT_KINDS, Request, RoundOrder
+from actors.ordering import ANSWERED, CLIENT_KINDS, Request, RoundOrder, settle
 from actors.replica import Publisher
 from fslsage.algorithms.base import Algorithm, Server, State
 from fslsage.checkpoint import rng_state, set_rng_state
@@ -69,11 +69,9 @@ class Control:
         try:
             result = await self.action()
         except Exception as e:  # noqa: BLE001 - handed to the caller
-            if not self.future.done():
-                self.future.set_exception(e)
+            settle(self.future, error=e)
         else:
-            if not self.future.done():
-                self.future.set_result(result)
+            settle(self.future, result)
 
 
 class Evaluations:

@@ -383,8 +383,15 @@ def resume_from(cfg: Config, runtime: Runtime, folder: Path | None) -> dict[str,
 
 
 # keys a resumed run may change: how long it runs and how it is placed, not what it computes
-RESUMABLE = ("rounds", "comm_budget_gib", "checkpoint_every", "checkpoint_minutes",
-             "num_client_actors", "name", "plot_x_scale")
+RESUMABLE = (
+    "rounds",
+    "comm_budget_gib",
+    "checkpoint_every",
+    "checkpoint_minutes",
+    "num_client_actors",
+    "name",
+    "plot_x_scale",
+)
 
 
 def run_experiment(

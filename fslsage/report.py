@@ -236,8 +236,14 @@ def seed_summary(summary: pd.DataFrame, configs: dict[str, Config]) -> pd.DataFr
     frame = pd.DataFrame(out, columns=columns)
     from fslsage.plots import curve_order
 
-    order = sorted(range(len(frame)), key=lambda i: (
-        frame.dataset.iloc[i], frame.alpha.iloc[i], curve_order(frame.curve.iloc[i])))
+    order = sorted(
+        range(len(frame)),
+        key=lambda i: (
+            frame.dataset.iloc[i],
+            frame.alpha.iloc[i],
+            curve_order(frame.curve.iloc[i]),
+        ),
+    )
     return frame.iloc[order].reset_index(drop=True)
 
 

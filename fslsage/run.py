@@ -164,8 +164,15 @@ class RunRecord:
 
         if not self.started:
             return
-        files = [self.out / name for name in (report.CONFIG_FILE, report.METRICS_FILE,
-                                              report.PARTITION_FILE, report.PARTITION_PNG)]
+        files = [
+            self.out / name
+            for name in (
+                report.CONFIG_FILE,
+                report.METRICS_FILE,
+                report.PARTITION_FILE,
+                report.PARTITION_PNG,
+            )
+        ]
         try:
             if (self.out / report.METRICS_FILE).is_file():
                 files += report.write_run_report(self.out, status, error)

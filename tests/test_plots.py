@@ -68,8 +68,12 @@ def test_the_gib_axis_is_logarithmic_exactly_where_the_data_spans_more_than_two_
     assert plots.x_scale([0.01, 0.5], "log") == "log"
     assert plots.x_scale([0.001, 10.0], "linear") == "linear"
     ids = {"dataset": "digits", "curve": "FedAvg"}
-    metrics = pd.concat([rows("narrow", [0.01, 0.2, 1.0], [0.1, 0.2, 0.3], alpha=0.1, **ids),
-                         rows("wide", [0.001, 0.1, 1.0], [0.1, 0.2, 0.3], alpha=1.0, **ids)])
+    metrics = pd.concat(
+        [
+            rows("narrow", [0.01, 0.2, 1.0], [0.1, 0.2, 0.3], alpha=0.1, **ids),
+            rows("wide", [0.001, 0.1, 1.0], [0.1, 0.2, 0.3], alpha=1.0, **ids),
+        ]
+    )
     series = plots.mean_std_series(metrics, "comm_gib")
     by_panel = plots.plot_curves(series, tmp_path / "a.png").groupby("alpha").x_scale.unique()
     assert by_panel.to_dict() == {0.1: ["linear"], 1.0: ["log"]}
@@ -79,9 +83,16 @@ def test_the_gib_axis_is_logarithmic_exactly_where_the_data_spans_more_than_two_
 
 
 def test_accuracy_against_alpha_and_the_partition_are_drawn(tmp_path):
-    points = pd.DataFrame({"dataset": "digits", "curve": ["FedAvg", "FedAvg", "GAS", "GAS"],
-                           "alpha": [0.1, 1.0, 0.1, 1.0], "mean": [0.5, 0.8, 0.6, 0.9],
-                           "std": [0.01, float("nan"), 0.02, 0.0], "seeds": [2, 1, 2, 2]})
+    points = pd.DataFrame(
+        {
+            "dataset": "digits",
+            "curve": ["FedAvg", "FedAvg", "GAS", "GAS"],
+            "alpha": [0.1, 1.0, 0.1, 1.0],
+            "mean": [0.5, 0.8, 0.6, 0.9],
+            "std": [0.01, float("nan"), 0.02, 0.0],
+            "seeds": [2, 1, 2, 2],
+        }
+    )
     plots.plot_acc_vs_alpha(points, tmp_path / "alpha.png")
     assert (tmp_path / "alpha.png").read_bytes()[:8] == PNG
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "alpha.csv"), points)

@@ -84,7 +84,6 @@ def test_channels_last_lays_out_every_copy_of_the_convolutions_and_learns_the_sa
     assert nhwc["test_loss"].tolist() == pytest.approx(nchw["test_loss"].tolist(), abs=1e-4)
 
 
-
 def test_gas_keeps_its_statistics_in_float32_under_bf16():
     """The label-wise means, covariances and Cholesky factors are computed outside autocast (in
     bf16 they would lose the small eigenvalues): the S-Server's statistics after the same

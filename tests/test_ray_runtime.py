@@ -176,7 +176,7 @@ def test_s_server_restarted_between_rounds_is_noticed_and_restored(ray_session):
     try:
         pid = ray.get(runtime.server.where.remote())["pid"]
         for t in range(1, cfg.rounds + 1):
-            runtime.run_round(t)
+            runtime.run_round(t, checkpoint=True)
             evaluations.append(runtime.evaluate())
             if t == 1:  # between rounds: nothing in flight
                 ray.kill(runtime.server, no_restart=False)
@@ -396,14 +396,17 @@ def test_the_next_round_evaluates_the_last_one_as_it_opens(ray_session):
     """As the F-Server loop drives it: run_round(t) leaves no round running, start_round(t + 1)
     submits the next, whose opening evaluates round t's global model (after a checkpoint round
     too), and `evaluate` answers with that; the evaluations are the in-process runtime's. The
-    S-Server is on the client actors' node: their requests went through the same-node channel."""
+    S-Server is on the client actors' node: their requests went through the same-node channel.
+    A round checkpoints where its caller says (the loop's `Cadence`), as in-process: not by
+    `checkpoint_every` on its own."""
     ray = ray_session
-    cfg = demo_config(algorithm="fsl_sage", rounds=4, checkpoint_every=2)
+    cfg = demo_config(algorithm="fsl_sage", rounds=4, checkpoint_every=1)
     runtime = RayRuntime(prepare(cfg))
-    running, evaluations, openings = [], [], []
+    running, evaluations, openings, checkpointed = [], [], [], []
     try:
         for t in range(1, cfg.rounds + 1):
-            runtime.run_round(t)
+            runtime.run_round(t, checkpoint=True) if t == 2 else runtime.run_round(t)
+            checkpointed.append(runtime.checkpoint.t)
             running.append(runtime.started)
             if t < cfg.rounds:
                 runtime.start_round(t + 1)
@@ -414,6 +417,7 @@ def test_the_next_round_evaluates_the_last_one_as_it_opens(ray_session):
     finally:
         runtime.close()
     assert running == [None] * cfg.rounds
+    assert checkpointed == [0, 2, 2, 2]  # round 0: the state the run started from
     assert [tuple(e) for e in opened] == evaluations[:-1]
     assert channels and all(channels)  # the S-Server is on their node: the channel carried it all
     assert_local_evaluations(cfg, evaluations)

@@ -128,7 +128,8 @@ def test_the_summary_over_seeds_is_the_mean_and_std_computed_by_hand(tmp_path):
     # the α figure draws the best accuracy within the common budget, mean and std over seeds
     alpha = pd.read_csv(sweep_dir / "acc_vs_alpha.csv").set_index(["alpha", "curve"])
     assert alpha.loc[(1.0, "FSL-SAGE"), "mean"] == pytest.approx(
-        seeds.loc[(1.0, "fsl_sage"), "acc_at_common_budget_mean"])
+        seeds.loc[(1.0, "fsl_sage"), "acc_at_common_budget_mean"]
+    )
 
 
 def test_a_report_over_a_sweep_and_a_run_compares_them_without_ray_or_mlflow(tmp_path):

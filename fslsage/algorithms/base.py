@@ -321,6 +321,7 @@ class Algorithm:
     needs_class_labels: ClassVar[bool] = False
     # the client network profile (fslsage.simulation) that `network: auto` means for it
     network: ClassVar[str] = "equal"
+
     def __init__(self, cfg: Config, split: SplitModel):
         self.cfg, self.split = cfg, split
         self._warm_start: Algorithm | None = None
