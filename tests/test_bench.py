@@ -70,3 +70,17 @@ def test_gpu_check_on_cpu_prints_one_json_object_with_every_part_ok():
     assert [row["round"] for row in report["fractional_gpu"]["metrics"]] == [1, 2, 3]
     assert report["recovery"]["restarted"] and report["recovery"]["max_metric_diff"] <= 1e-6
     assert report["parity"]["fsl_sage"]["equal"]
+
+
+def test_ab_runs_each_revision_in_its_own_tree_in_turn():
+    """bench/ab.py runs a script on a committed revision (a temporary worktree, removed after)
+    and on this working tree, in turn, each run started in its tree with that tree's code: a
+    run that imported the other tree's `actors` would print 0."""
+    own_code = "import os, actors; print('ours:', float(actors.__file__.startswith(os.getcwd())))"
+    before = subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True)
+    lines = run_bench("bench/ab.py", "HEAD", ".", "--runs", "2", "--", "-c", own_code)
+    assert lines[:4] == ["run 1, A (HEAD): 1", "run 1, B (.): 1", "run 2, A (HEAD): 1",
+                         "run 2, B (.): 1"], lines  # fmt: skip
+    assert lines[-1] == "median B / median A: 1.000", lines
+    after = subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True)
+    assert after.stdout == before.stdout  # its worktree is gone
