@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -61,6 +62,43 @@ def remove_created(created: list[Path]) -> None:
             folder.rmdir()
         except OSError:  # something was written there after all: keep it
             return
+
+
+def check_private(folder: Path, key: str, uid: int | None = None) -> None:
+    """`folder` and the files directly in it are this user's (`uid`) and writable by no one
+    else, none of them a link: Tune's restore unpickles what lies there (tuner.pkl, the
+    trials in its experiment state), so a file another user could have written must not be
+    read. Group-writable is fine in this user's own private group. Elsewhere than POSIX,
+    nothing is checked."""
+    if not hasattr(os, "getuid"):
+        return
+    uid = os.getuid() if uid is None else uid
+    for path in [folder, *sorted(folder.iterdir())]:
+        info = path.lstat()
+        if stat.S_ISLNK(info.st_mode):
+            raise ConfigError(key, f"{path} is a link; refusing to read the sweep's state there")
+        if path != folder and not stat.S_ISREG(info.st_mode):
+            continue  # a trial's folder: the trainable reads its checkpoints as plain data
+        if info.st_uid != uid:
+            raise ConfigError(key, f"{path} belongs to another user (uid {info.st_uid}); "
+                                   "refusing to unpickle the sweep's state from it")  # fmt: skip
+        if info.st_mode & stat.S_IWOTH or info.st_mode & stat.S_IWGRP and shared(info.st_gid):
+            raise ConfigError(key, f"{path} is writable by other users "
+                                   f"({stat.filemode(info.st_mode)}); refusing to unpickle the "
+                                   f"sweep's state from it (chmod go-w to resume)")  # fmt: skip
+
+
+def shared(gid: int) -> bool:
+    """Whether group `gid` may hold another user: any group but this user's own private one
+    (its primary group, with no members listed; umask 002 makes files writable by it)."""
+    import grp
+
+    if gid != os.getgid():
+        return True
+    try:
+        return bool(grp.getgrgid(gid).gr_mem)
+    except KeyError:  # a group with no entry: no one is listed in it
+        return False
 
 
 def check_ray_address(address: str | None, key: str) -> None:

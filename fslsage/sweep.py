@@ -72,7 +72,12 @@ def plan(args: argparse.Namespace) -> tuple[dict[str, Any], Path, dict[str, Any]
     (search block included), the results folder and the MLflow store, and for --resume the
     sweep being resumed (for a fresh one, that its folder is a sweep's to replace). Returns the
     config as given, the sweep directory and the saved sweep state (None for a fresh sweep)."""
-    from fslsage.preflight import check_folder, check_ray_address, check_tracking_uri
+    from fslsage.preflight import (
+        check_folder,
+        check_private,
+        check_ray_address,
+        check_tracking_uri,
+    )
     from tune.tracking import resolve_tracking_uri
 
     cfg = load_config(args.config, args.overrides)
@@ -93,6 +98,7 @@ def plan(args: argparse.Namespace) -> tuple[dict[str, Any], Path, dict[str, Any]
     state_file = sweep_dir / SWEEP_STATE
     if not (sweep_dir / "tuner.pkl").is_file() or not state_file.is_file():
         raise ConfigError("--resume", f"no interrupted sweep to resume in {sweep_dir}")
+    check_private(sweep_dir, "--resume")
     state = read_state(state_file)
     if state is None:
         raise ConfigError("--resume", f"{state_file} is unreadable; start the sweep afresh")

@@ -198,6 +198,72 @@ def test_resume_needs_an_interrupted_sweep_with_the_same_config(tmp_path, monkey
     assert "--resume: lr differs" in capsys.readouterr().err
 
 
+class Forged:
+    """A pickle that, unpickled, writes `marker`: what a forged tuner.pkl could run."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "unpickled"))
+
+
+@pytest.mark.parametrize("case", ["others may write it", "a link", "another user's"])
+def test_resume_unpickles_no_tune_state_another_user_could_have_written(tmp_path, monkeypatch,
+                                                                        capsys, case):  # fmt: skip
+    """Tune's restore unpickles tuner.pkl and its experiment state: --resume refuses a sweep
+    folder whose files another user could have written, before reading any of them."""
+    import pickle
+
+    from fslsage import preflight
+
+    monkeypatch.setattr(sweep, "connect_ray", lambda: pytest.fail("Ray started"))
+    results, marker = tmp_path / "results", tmp_path / "ran"
+    folder = results / "demo"
+    folder.mkdir(parents=True)
+    (folder / "sweep.json").write_text(json.dumps({"config": load_config(DEMO).to_dict()}))
+    (folder / "tuner.pkl").write_bytes(pickle.dumps(Forged(marker)))
+    os.chmod(folder, 0o755)
+    os.chmod(folder / "tuner.pkl", 0o644)
+    os.chmod(folder / "sweep.json", 0o644)
+    if case == "others may write it":
+        os.chmod(folder / "tuner.pkl", 0o646)
+        expected = "writable by other users"
+    elif case == "a link":
+        real = tmp_path / "elsewhere"
+        folder.rename(real)
+        folder.symlink_to(real)
+        expected = "is a link"
+    else:  # the files are ours; the check is told we are someone else
+        check = preflight.check_private
+        monkeypatch.setattr(
+            preflight, "check_private", lambda f, k: check(f, k, uid=os.getuid() + 1)
+        )
+        expected = "belongs to another user"
+    argv = ["--config", str(DEMO), "--results-dir", str(results), "--resume"]
+    assert sweep.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fslsage: config error: --resume: ") and expected in err, err
+    assert not marker.exists()  # nothing was unpickled
+
+
+def test_resume_accepts_a_private_sweep_folder(tmp_path):
+    """The same folder as the test above, this user's and writable by no one else, passes; so
+    does a group-writable file in this user's own private group (umask 002)."""
+    from fslsage.preflight import check_private, shared
+
+    (tmp_path / "tuner.pkl").write_bytes(b"")
+    os.chmod(tmp_path, 0o700)
+    os.chmod(tmp_path / "tuner.pkl", 0o600)
+    check_private(tmp_path, "--resume")
+    os.chmod(tmp_path / "tuner.pkl", 0o664)
+    if shared(os.getgid()):
+        with pytest.raises(ConfigError, match="writable by other users"):
+            check_private(tmp_path, "--resume")
+    else:
+        check_private(tmp_path, "--resume")
+
+
 def test_search_block_translates_to_tune_domains_schedulers_and_bundles():
     from ray.tune.schedulers import ASHAScheduler
 
