@@ -13,11 +13,10 @@ evaluates at: its opening of round t + 1 snapshots the server, and the evaluatio
 batch at a time whenever no request is ready, so it stays off round t + 1's critical path —
 while the driver writes round t's metrics. At the rounds the F-Server loop asks for
 (`checkpoint.Cadence`) it checkpoints the clients, the S-Server and the global weights in the
-object store; if an actor dies, Ray
-restarts it, every role is restored from the checkpoint and the rounds since are re-run
-(deterministic with `exact` batching). An S-Server that Ray restarted between rounds, with no
-call in flight to fail, is caught by the next opening: each names the attempt whose end the
-server's state must follow.
+object store; if an actor dies, Ray restarts it, every role is restored from the checkpoint and
+the rounds since are re-run (deterministic with `exact` batching). An S-Server that Ray
+restarted between rounds, with no call in flight to fail, is caught by the next opening: each
+names the attempt whose end the server's state must follow.
 """
 
 from __future__ import annotations
