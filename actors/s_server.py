@@ -110,10 +110,10 @@ class Evaluations:
                 next(steps)
         except StopIteration as finished:
             self.pending.popleft()
-            future.set_result(finished.value)
+            settle(future, finished.value)
         except Exception as e:  # noqa: BLE001 - handed to begin_round's caller
             self.pending.popleft()
-            future.set_exception(e)
+            settle(future, error=e)
 
     def _model(
         self, weights: dict[str, State], server: Server | None, snapshot: bool = False
@@ -422,7 +422,7 @@ class SServer:
         None: they are served one at a time."""
         return self.server.batch_handler(kind) if self.server is not None else None
 
-    # -- on the compute thread -----------------------------------------------------------------
+    # -- the maths, run by `_compute` ----------------------------------------------------------
     def _run_one(self, req: Request) -> Any:
         handler = getattr(self.server, f"on_{req.kind}")
         return pack(handler(req.cid, *unpack(req.args, self.device)))

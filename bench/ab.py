@@ -55,10 +55,11 @@ def main() -> None:
         p.error("no benchmark script given (after --)")
     split = argv.index("--")
     args, command = p.parse_args(argv[:split]), argv[split + 1 :]
+    revs = {"A": args.a, "B": args.b}
     with tempfile.TemporaryDirectory(prefix="fslsage-ab-") as tmp:
         trees: dict[str, Path] = {}
         try:
-            for label, rev in (("A", args.a), ("B", args.b)):
+            for label, rev in revs.items():
                 if rev == ".":
                     trees[label] = ROOT
                     continue
@@ -70,14 +71,14 @@ def main() -> None:
             for i in range(args.runs):
                 for label, tree in trees.items():
                     figures[label].append(run(tree, command))
-                    rev = args.a if label == "A" else args.b
-                    print(f"run {i + 1}, {label} ({rev}): {figures[label][-1]:g}", flush=True)
+                    print(f"run {i + 1}, {label} ({revs[label]}): {figures[label][-1]:g}",
+                          flush=True)  # fmt: skip
         finally:
             for tree in trees.values():
                 if tree != ROOT:
                     subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force",
                                     str(tree)], capture_output=True)  # fmt: skip
-    for label, rev in (("A", args.a), ("B", args.b)):
+    for label, rev in revs.items():
         runs = " ".join(f"{x:g}" for x in figures[label])
         print(f"{label} ({rev}): {runs}; median {statistics.median(figures[label]):g}")
     ratio = statistics.median(figures["B"]) / statistics.median(figures["A"])

@@ -7,8 +7,8 @@ in-process, then rounds 3–7 on Ray … — so the load of a shared host falls 
 pair of runs gives one paired ratio. Within a chunk the rounds run as the F-Server loop
 (`run_experiment`) drives them: `run_round(t)`, `start_round(t + 1)`, then `evaluate()`, so Ray
 overlaps round t's evaluation with round t + 1; a chunk's last round has no successor (3 of the
-14 overlaps of a 15-round run are lost, the figure errs against Ray).
-Neither runtime checkpoints (`run_round`'s default), so both do the same work.
+14 overlaps of a 15-round run are lost, the figure errs against Ray). Neither runtime
+checkpoints (`run_round`'s default), so both do the same work.
 Throughput is training samples of all clients per round (for gas: of its schedule's steps),
 times rounds, over the summed round times; Ray's start-up (actor processes, data into the object
 store) is reported apart. The in-process runtime runs with torch's default thread count and

@@ -1,8 +1,8 @@
 """Durable runs (issue 22): the whole state of an experiment as plain data on disk, written
 atomically every `checkpoint_every` rounds, or sooner where rounds are long (`Cadence`), under
-the run's own folder and read back with
-`torch.load(weights_only=True)`, so a checkpoint file can hold tensors, numbers, strings and
-containers of them, and nothing that runs code when loaded.
+the run's own folder and read back with `torch.load(weights_only=True)`, so a checkpoint file
+can hold tensors, numbers, strings and containers of them, and nothing that runs code when
+loaded.
 
 `capture(obj)` turns a role object — a client, an S-Server of any algorithm, a GAS schedule —
 into such plain data by walking its attributes: modules and optimizers as their state_dicts,

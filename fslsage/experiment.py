@@ -345,7 +345,7 @@ def progress_line(cfg: Config, rows: list[dict]) -> str:
 
 
 def phase_printer(cfg: Config, t: int, progress: Callable[[str], None] | None
-                   ) -> Callable[[str], None] | None:  # fmt: skip
+                  ) -> Callable[[str], None] | None:  # fmt: skip
     """Where a long phase of round t stands (`fslsage.progress.report_phase`), as a line."""
     if progress is None:
         return None

@@ -44,8 +44,9 @@ def curve_order(label: str) -> tuple[int, str]:
 
 
 def x_scale(values: Sequence[float] | np.ndarray, option: str = "auto") -> str:
-    """ "log" or "linear": `option` unless it is "auto"; then log exactly where the positive
-    values span more than LOG_DECADES decades (largest / smallest > 10**LOG_DECADES)."""
+    """The axis scale, "log" or "linear": `option` unless it is "auto"; then log exactly where
+    the positive values span more than LOG_DECADES decades (largest / smallest >
+    10**LOG_DECADES)."""
     if option in ("log", "linear"):
         return option
     v = np.asarray(values, dtype=float)
